@@ -1,0 +1,142 @@
+"""The checkpoint directory: naming, commit records, `latest()`, retention.
+
+A checkpoint counts only once its ``COMMIT.json`` exists; that file is written after every
+rank finished writing. Retention removes ``COMMIT.json`` first, so a delete interrupted half-way
+leaves an uncommitted directory that :meth:`CheckpointStore.latest` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from shipyard import storage
+from shipyard.errors import CheckpointError
+
+COMMIT = "COMMIT.json"
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    step: int
+    epoch: int
+    world: int
+    strategy: str
+    time: float
+    data: list[dict] = field(default_factory=list)   # per-rank data-stream state, by rank
+    files: dict[str, int] = field(default_factory=dict)  # relative name -> bytes
+    uri: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.files.values())
+
+
+@dataclass(frozen=True)
+class Listed:
+    step: int
+    uri: str
+    committed: bool
+    record: CommitRecord | None
+
+
+class CheckpointStore:
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        try:
+            self.fs, self.root = storage.filesystem(self.uri)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint.uri: {e}") from None
+
+    def uri_for(self, step: int) -> str:
+        return storage.join(self.uri, step_dir(step))
+
+    def path_for(self, step: int) -> str:
+        return storage.join(self.root, step_dir(step))
+
+    def check_writable(self) -> None:
+        """Fail early, naming the URI, when the location cannot be created or listed."""
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.ls(self.root) if self.fs.exists(self.root) else None
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint.uri: {self.uri}: bucket or directory does not exist") from None
+        except PermissionError as e:
+            raise CheckpointError(f"checkpoint.uri: {self.uri}: access denied ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"checkpoint.uri: {self.uri}: not usable ({e})") from None
+
+    def _steps(self) -> list[int]:
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        steps = []
+        for e in entries:
+            m = _STEP_DIR.match(e.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def read_record(self, step: int) -> CommitRecord | None:
+        try:
+            raw = json.loads(self.fs.cat_file(storage.join(self.path_for(step), COMMIT)))
+        except FileNotFoundError:
+            return None
+        return CommitRecord(**{**raw, "uri": self.uri_for(step)})
+
+    def list(self) -> list[Listed]:
+        out = []
+        for step in self._steps():
+            rec = self.read_record(step)
+            out.append(Listed(step, self.uri_for(step), rec is not None, rec))
+        return out
+
+    def latest(self) -> CommitRecord | None:
+        """The newest committed checkpoint, or None. Uncommitted directories are ignored."""
+        for step in reversed(self._steps()):
+            rec = self.read_record(step)
+            if rec is not None:
+                return rec
+        return None
+
+    def clear(self, step: int) -> None:
+        """Remove whatever a crashed save left at ``step`` (it was never committed)."""
+        path = self.path_for(step)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def commit(self, record: CommitRecord) -> CommitRecord:
+        """Write the commit record for a fully written checkpoint; the checkpoint now exists."""
+        path = self.path_for(record.step)
+        sizes = {}
+        for f, info in self.fs.find(path, detail=True).items():
+            sizes[f[len(path) + 1:]] = int(info.get("size") or 0)
+        record = CommitRecord(**{**asdict(record), "files": sizes, "time": record.time or time.time(),
+                                 "uri": self.uri_for(record.step)})
+        body = {k: v for k, v in asdict(record).items() if k != "uri"}
+        self.fs.pipe_file(storage.join(path, COMMIT), json.dumps(body, indent=1).encode())
+        return record
+
+    def prune(self, keep_last: int | None) -> list[int]:
+        """Keep the newest ``keep_last`` committed checkpoints; drop older and abandoned ones."""
+        listed = self.list()
+        committed = [c.step for c in listed if c.committed]
+        if not committed:
+            return []
+        doomed = committed[:-keep_last] if keep_last else []
+        newest = committed[-1]
+        doomed += [c.step for c in listed if not c.committed and c.step < newest]
+        for step in sorted(doomed):
+            commit = storage.join(self.path_for(step), COMMIT)
+            if self.fs.exists(commit):
+                self.fs.rm_file(commit)  # invisible first, then gone
+            self.fs.rm(self.path_for(step), recursive=True)
+        return sorted(doomed)

@@ -1,0 +1,78 @@
+"""Rich rendering of a run: a live progress bar on a terminal, plain periodic lines otherwise."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from shipyard.runtime.launcher import RunResult
+from shipyard.runtime.progress import Rate
+from shipyard.spec import JobSpec
+
+LINE_EVERY_S = 5.0
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class RunView:
+    def __init__(self, console: Console, spec: JobSpec):
+        self.console, self.spec = console, spec
+        self.rate = Rate()
+        self.events_shown = 0
+        self.last_line = 0.0
+        self.live = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("step {task.completed:.0f}/{task.total:.0f}"), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=console, disable=not self.live, transient=False)
+        self.task = self.progress.add_task(spec.name, total=None, info="starting workers…")
+
+    def __enter__(self) -> "RunView":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def info(self, snap: dict) -> str:
+        parts = [f"{k}={_fmt(v)}" for k, v in snap.get("metrics", {}).items()][:4]
+        sps = self.rate.per_second
+        if sps:
+            parts.append(f"{sps * snap.get('samples_per_step', 0):,.0f} samples/s")
+        return "  ".join(parts)
+
+    def update(self, snap: dict) -> None:
+        now = time.monotonic()
+        if snap.get("total"):
+            self.rate.add(now, snap["step"])
+        for _, message in snap.get("events", [])[self.events_shown:]:
+            self.console.print(f"[dim]·[/dim] {message}", soft_wrap=True, highlight=False)
+        self.events_shown = len(snap.get("events", []))
+        info = self.info(snap)
+        self.progress.update(self.task, completed=snap.get("step", 0), total=snap.get("total") or None, info=info)
+        if not self.live and snap.get("total") and now - self.last_line >= LINE_EVERY_S:
+            self.last_line = now
+            self.console.print(f"{self.spec.name}: step {snap['step']}/{snap['total']} epoch {snap['epoch']}  {info}",
+                               soft_wrap=True, highlight=False)
+
+    def summary(self, result: RunResult) -> None:
+        snap = result.snapshot
+        attempts = len(snap.get("attempts", [])) or 1
+        metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in snap.get("metrics", {}).items())
+        if result.ok:
+            self.console.print(f"[green]✓[/green] {self.spec.name} finished: step {snap.get('step', 0)}/"
+                               f"{snap.get('total', 0)} in {result.seconds:.1f}s, {self.spec.workers.count} workers, "
+                               f"{attempts} attempt{'s' * (attempts > 1)}")
+        else:
+            self.console.print(f"[red]✗[/red] {self.spec.name} failed at step {snap.get('step', 0)} after "
+                               f"{result.seconds:.1f}s: {result.error}")
+        if metrics:
+            self.console.print(f"  metrics: {metrics}")
+        if snap.get("checkpoint"):
+            self.console.print(f"  latest checkpoint: {snap['checkpoint']}")
+        elif self.spec.checkpoint:
+            self.console.print(f"  checkpoints: {self.spec.checkpoint.uri}")

@@ -1,0 +1,186 @@
+"""TrainContext: everything the user's ``train(ctx)`` touches.
+
+The platform owns the parts users get wrong: applying the strategy, restoring model,
+optimizer, scheduler, RNG and data position from the latest committed checkpoint (inside
+:meth:`TrainContext.prepare`, before the first batch), and checkpointing at step boundaries
+(inside :meth:`TrainContext.batches`, between two batches, where the model state and the data
+position agree). A user loop cannot forget to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from shipyard.checkpoint import CheckpointStore
+from shipyard.checkpoint import dcp as ckpt
+from shipyard.data import ShardStream
+from shipyard.errors import UserError
+from shipyard.parallel import STRATEGIES
+from shipyard.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+# Rank 0 sends progress to the driver at most this often, so reporting costs no step time.
+PUSH_INTERVAL_S = 0.25
+
+
+class TrainContext:
+    def __init__(self, spec: JobSpec, *, rank: int, world_size: int, local_rank: int,
+                 device: torch.device, board=None):
+        self.spec = spec
+        self.config: dict[str, Any] = dict(spec.config)
+        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+        self.step = 0
+        self._board = board
+        self._model = self._optimizer = self._scheduler = None
+        self._stream = ShardStream(
+            spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=rank, world=world_size,
+            seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs)
+        self._store = CheckpointStore(spec.checkpoint.uri) if spec.checkpoint else None
+        self._saved_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._metrics: dict[str, Any] = {}
+        self._last_push = 0.0
+
+    @property
+    def epoch(self) -> int:
+        return self._stream.epoch
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def total_steps(self) -> int:
+        return self._stream.total_batches
+
+    # -- setup ----------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, optimizer_fn: Callable[[Any], torch.optim.Optimizer],
+                scheduler_fn: Callable[[torch.optim.Optimizer], Any] | None = None):
+        """Apply the spec's strategy, build the optimizer (and scheduler), restore the latest checkpoint.
+
+        ``optimizer_fn`` receives the parameters of the wrapped model (strategies such as FSDP
+        replace them). Returns ``(model, optimizer)``, or ``(model, optimizer, scheduler)``.
+        """
+        model = STRATEGIES[self.spec.strategy.kind](model, self.device, self.spec.strategy)
+        optimizer = optimizer_fn(model.parameters())
+        scheduler = scheduler_fn(optimizer) if scheduler_fn else None
+        self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
+        self._restore()
+        self._push(force=True, event="started")
+        return (model, optimizer) if scheduler is None else (model, optimizer, scheduler)
+
+    def _restore(self) -> None:
+        record = self._store.latest() if self._store else None
+        if record is None:
+            return
+        rank_state = ckpt.restore(self._store, record, model=self._model, optimizer=self._optimizer,
+                                  scheduler=self._scheduler)
+        if rank_state is not None:
+            self._stream.load_state_dict(rank_state["data"])
+            ckpt.set_rng_state(rank_state["rng"])
+        else:
+            self._stream.load_state_dict({**record.data[0], "consumed": 0})
+        self.step = self._saved_step = record.step
+        self._event(f"restored from checkpoint at step {record.step} ({record.uri})", checkpoint=record.uri)
+
+    # -- the loop -------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict]:
+        """This rank's batches (dicts of tensors on ``ctx.device``) from the restored position on.
+
+        Checkpoints are taken here, between batches, when the spec's trigger is due, and once
+        more when the data is exhausted.
+        """
+        if self._model is None:
+            raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.batches()")
+        it = iter(self._stream)
+        while True:
+            if self._checkpoint_due():
+                self.checkpoint()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            self.step += 1
+            yield _to_device(batch, self.device)
+        if self._store and self._saved_step != self.step:
+            self.checkpoint()
+        self._push(force=True)
+
+    def eval_batches(self, batch_size: int | None = None) -> Iterator[dict]:
+        """This rank's share of ``dataset.eval_uri``: every row once across ranks, file order."""
+        uri = self.spec.dataset.eval_uri
+        if not uri:
+            raise UserError("ctx.eval_batches(): dataset.eval_uri is not set in the job spec")
+        stream = ShardStream(uri, batch_size=batch_size or self.spec.dataset.batch_size, rank=self.rank,
+                             world=self.world_size, shuffle=False, drop_remainder=False)
+        for batch in stream:
+            yield _to_device(batch, self.device)
+
+    def report(self, **metrics: Any) -> None:
+        """Record metrics for this step (tensors are fine: they are read only when sent)."""
+        self._metrics.update(metrics)
+        self._push()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _checkpoint_due(self) -> bool:
+        ck = self.spec.checkpoint
+        if ck is None or self.step == 0 or self.step == self._saved_step:
+            return False
+        due = bool(ck.every_steps and self.step % ck.every_steps == 0)
+        if ck.every_seconds:
+            # Ranks must agree, or the collective save deadlocks: take rank 0's clock.
+            flag = torch.tensor([int(due or time.monotonic() - self._last_save_time >= ck.every_seconds)])
+            dist.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def checkpoint(self) -> None:
+        """Save a checkpoint now (collective: every rank must call it at the same step)."""
+        if self._store is None:
+            raise UserError("ctx.checkpoint(): the job spec has no checkpoint section")
+        t0 = time.monotonic()
+        record = ckpt.save(self._store, step=self.step, epoch=self.epoch, model=self._model,
+                           optimizer=self._optimizer, scheduler=self._scheduler,
+                           data_state=self._stream.state_dict(), strategy=self.spec.strategy.kind,
+                           keep_last=self.spec.checkpoint.keep_last)
+        self._saved_step = self.step
+        self._last_save_time = time.monotonic()
+        if record is not None:
+            self._event(f"checkpoint at step {self.step} committed ({record.bytes / 1e6:.1f} MB, "
+                        f"{time.monotonic() - t0:.2f}s): {record.uri}", checkpoint=record.uri)
+
+    # -- progress -------------------------------------------------------------------------
+    def _event(self, message: str, **extra) -> None:
+        log.debug(message)
+        self._push(force=True, event=message, **extra)
+
+    def _push(self, force: bool = False, event: str | None = None, **extra) -> None:
+        if self._board is None or self.rank != 0:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_push < PUSH_INTERVAL_S:
+            return
+        self._last_push = now
+        metrics = {k: _scalar(v) for k, v in self._metrics.items()}
+        self._board.update.remote(step=self.step, total=self.total_steps, epoch=self.epoch,
+                                  samples_per_step=self.spec.dataset.batch_size * self.world_size,
+                                  metrics=metrics, event=event, **extra)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().float().item() if v.numel() == 1 else v.detach().tolist()
+    return v

@@ -1,0 +1,149 @@
+"""Turns a JobSpec into a Ray Train run: checks, Ray connection, TorchTrainer, progress, result.
+
+``shipyard run`` calls :func:`launch` in the foreground; submitted jobs (later) run the same
+function as their Ray job entrypoint, so both behave alike.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+
+from shipyard.checkpoint import CheckpointStore
+from shipyard.config import Settings, forwarded_env
+from shipyard.data import read_manifest
+from shipyard.errors import UserError
+from shipyard.spec import JobSpec
+
+POLL_S = 0.5
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    seconds: float
+    snapshot: dict = field(default_factory=dict)
+    error: str | None = None
+    user_error: bool = False
+
+
+def preflight(spec: JobSpec) -> None:
+    """Fail before any worker starts, naming the field and URI, when inputs are unusable."""
+    for label, uri in (("dataset.uri", spec.dataset.uri), ("dataset.eval_uri", spec.dataset.eval_uri)):
+        if uri:
+            try:
+                read_manifest(uri)
+            except UserError as e:
+                raise type(e)(f"{label}: {e}") from None
+    if spec.checkpoint:
+        CheckpointStore(spec.checkpoint.uri).check_writable()
+
+
+def connect(spec: JobSpec, settings: Settings) -> bool:
+    """Join RAY_ADDRESS if set, else start a private local Ray. Returns whether we started it."""
+    if ray.is_initialized():
+        return False
+    runtime_env = {"working_dir": spec.workdir, "env_vars": {**forwarded_env(), **spec.env}}
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        return False
+    # The dashboard stays on: Ray Train V2 watches its controller through the State API it serves.
+    ray.init(address="local", runtime_env=runtime_env, log_to_driver=True)
+    return True
+
+
+def check_capacity(spec: JobSpec, local: bool) -> None:
+    have = ray.cluster_resources()
+    need_cpu = spec.workers.count * spec.workers.cpus
+    need_gpu = spec.workers.count * spec.workers.gpus
+    problems = []
+    if need_cpu > have.get("CPU", 0):
+        problems.append(f"{need_cpu:g} CPUs (workers.count {spec.workers.count} x workers.cpus "
+                        f"{spec.workers.cpus:g}), the cluster has {have.get('CPU', 0):g}")
+    if need_gpu > have.get("GPU", 0):
+        problems.append(f"{need_gpu:g} GPUs (workers.count x workers.gpus), the cluster has {have.get('GPU', 0):g}")
+    if problems and local:
+        raise UserError("workers: the job needs " + "; ".join(problems) + "; lower workers.count or the per-worker resources")
+
+
+def _trainer(spec: JobSpec, board, settings: Settings):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from shipyard.runtime.worker import train_loop
+
+    resources = {"CPU": spec.workers.cpus}
+    if spec.workers.gpus:
+        resources["GPU"] = spec.workers.gpus
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "board": board},
+        scaling_config=ScalingConfig(num_workers=spec.workers.count, use_gpu=spec.workers.gpus > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(settings.home / "ray_results"),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+        ),
+    )
+
+
+def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
+           settings: Settings | None = None) -> RunResult:
+    from shipyard.runtime.progress import ProgressBoard
+
+    settings = settings or Settings.from_env()
+    preflight(spec)
+    started_ray = connect(spec, settings)
+    try:
+        check_capacity(spec, local=started_ray)
+        board = ProgressBoard.remote()
+        trainer = _trainer(spec, board, settings)
+        outcome: dict = {}
+
+        def fit() -> None:
+            try:
+                outcome["result"] = trainer.fit()
+            except BaseException as e:  # reported below, in the caller's thread
+                outcome["error"] = e
+
+        t0 = time.monotonic()
+        thread = threading.Thread(target=fit, name="shipyard-fit", daemon=True)
+        thread.start()
+        snapshot: dict = {}
+        while thread.is_alive():
+            thread.join(POLL_S)
+            snapshot = ray.get(board.snapshot.remote())
+            on_progress(snapshot)
+        seconds = time.monotonic() - t0
+        if "error" in outcome:
+            message, is_user = explain(outcome["error"])
+            return RunResult(False, seconds, snapshot, message, is_user)
+        return RunResult(True, seconds, snapshot)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def explain(error: BaseException) -> tuple[str, bool]:
+    """The root cause of a failed run, and whether it is the user's to fix."""
+    seen: list[BaseException] = []
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, UserError):
+            return str(e), True
+        for attr in ("worker_failures", "failures"):
+            failures = getattr(e, attr, None)
+            if isinstance(failures, dict):
+                stack.extend(failures.values())
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    root = seen[-1] if seen else error
+    return f"{type(root).__name__}: {root}", False

@@ -1,0 +1,57 @@
+"""The function every Ray Train worker runs: build the TrainContext, call the user's train(ctx)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from shipyard.errors import UserError
+from shipyard.spec import JobSpec
+
+
+def load_entrypoint(spec: JobSpec, root: str | None = None) -> Callable:
+    """Import ``file.py:function`` (relative to ``root``, default cwd) or ``module:function``."""
+    root = root or os.getcwd()
+    target, func = spec.entry_target, spec.entry_function
+    if target.endswith(".py"):
+        path = Path(root) / target
+        if not path.is_file():
+            raise UserError(f"entrypoint: {target} not found in {root}")
+        if root not in sys.path:
+            sys.path.insert(0, root)  # so train.py can import its neighbours
+        mod_spec = importlib.util.spec_from_file_location(f"shipyard_job_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise UserError(f"entrypoint: cannot import module {target!r}: {e}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise UserError(f"entrypoint: {target} has no function {func!r}")
+    return fn
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: the same for `shipyard run` and submitted jobs."""
+    import ray.train
+    import ray.train.torch
+
+    from shipyard.runtime.context import TrainContext
+
+    spec = JobSpec.model_validate(config["spec"])
+    os.environ.update(spec.env)
+    # Ray unpacks the job's working_dir as our cwd; a Ray started by the caller (tests, an
+    # in-process launch) has no runtime_env, so fall back to the spec's own workdir.
+    root = os.getcwd() if (Path.cwd() / spec.entry_target).exists() else spec.workdir
+    tc = ray.train.get_context()
+    ctx = TrainContext(spec, rank=tc.get_world_rank(), world_size=tc.get_world_size(),
+                       local_rank=tc.get_local_rank(), device=ray.train.torch.get_device(),
+                       board=config.get("board"))
+    load_entrypoint(spec, root)(ctx)
+    ctx._push(force=True, event="finished")

@@ -1,0 +1,204 @@
+"""The JobSpec: the one contract between the user, the CLI/API, backends and the runtime.
+
+A spec is loaded from YAML (:func:`load_spec`), validated once, and frozen; everything after
+trusts it. Validation errors are turned into :class:`~shipyard.errors.SpecError` messages that
+name the field path (``workers.count``), the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shipyard.errors import SpecError
+
+_ENTRYPOINT = re.compile(r"^(?P<target>[\w./-]+\.py|[A-Za-z_][\w.]*):(?P<func>[A-Za-z_]\w*)$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Workers(_Model):
+    count: int = Field(2, ge=1, le=4096, description="number of training processes (ranks)")
+    cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    gpus: float = Field(0.0, ge=0, description="GPUs per worker; > 0 selects CUDA + NCCL")
+
+
+class DDPStrategy(_Model):
+    """Data parallel: every rank holds the whole model, gradients are averaged."""
+
+    kind: Literal["ddp"] = "ddp"
+
+
+class Dataset(_Model):
+    uri: str = Field(description="directory holding a shard manifest, written by `shipyard data shard`")
+    eval_uri: str | None = Field(None, description="optional held-out dataset for ctx.eval_batches()")
+    format: Literal["arrow"] = "arrow"
+    batch_size: int = Field(32, ge=1, description="rows per batch on each rank")
+    shuffle: bool = True
+    seed: int = Field(0, ge=0, description="shuffle seed; the order is a pure function of (seed, epoch, world)")
+    epochs: int = Field(1, ge=1)
+
+
+class Checkpoint(_Model):
+    uri: str = Field(description="where checkpoints go: s3://bucket/prefix, file://, or a path")
+    every_steps: int | None = Field(None, ge=1)
+    every_seconds: float | None = Field(None, gt=0)
+    keep_last: int | None = Field(3, ge=1, description="committed checkpoints to keep; null keeps all")
+
+
+class JobSpec(_Model):
+    name: str = Field(description="lower-case letters, digits and '-', at most 63 characters")
+    entrypoint: str = Field(description="`file.py:function` (relative to workdir) or `module:function`")
+    workdir: str = Field(".", description="directory shipped to the workers; relative to the spec file")
+    workers: Workers = Workers()
+    strategy: DDPStrategy = DDPStrategy()
+    dataset: Dataset
+    checkpoint: Checkpoint | None = None
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts allowed; -1 = unlimited")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables for the workers")
+    config: dict[str, Any] = Field(default_factory=dict, description="free-form values handed to train(ctx) as ctx.config")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters")
+        return v
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, v: str) -> str:
+        if not _ENTRYPOINT.match(v):
+            raise ValueError("must be `file.py:function` or `module:function`")
+        return v
+
+    @model_validator(mode="after")
+    def _checkpoint_trigger(self) -> "JobSpec":
+        ck = self.checkpoint
+        if ck is not None and ck.every_steps is None and ck.every_seconds is None:
+            return self.model_copy(update={"checkpoint": ck.model_copy(update={"every_steps": 100})})
+        return self
+
+    @property
+    def entry_target(self) -> str:
+        return self.entrypoint.rsplit(":", 1)[0]
+
+    @property
+    def entry_function(self) -> str:
+        return self.entrypoint.rsplit(":", 1)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error messages
+
+def is_remote_uri(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """Local paths become absolute (relative ones against the spec file); URIs are kept."""
+    if "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    cur: Any = model
+    for part in loc[:-1]:
+        field = getattr(cur, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        cur = field.annotation
+        args = getattr(cur, "__args__", None)
+        if args:  # Optional[Model]
+            cur = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return None
+    return list(cur.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(JobSpec, loc)
+            hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{source}: {path}: unknown field{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {path}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {path}: got {e['input']!r}; {msg[0].lower()}{msg[1:]}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw spec dict in place."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {override!r}: expected FIELD.PATH=VALUE, e.g. workers.count=4")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {override!r}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def spec_from_dict(raw: Any, source: str = "spec", base: Path | None = None) -> JobSpec:
+    """Validate a raw mapping. Local paths are resolved against ``base`` (default: cwd)."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of fields at the top level, got {type(raw).__name__}")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+    base = base or Path.cwd()
+    update: dict[str, Any] = {"workdir": _resolve_path(spec.workdir, base)}
+    update["dataset"] = spec.dataset.model_copy(update={
+        "uri": _resolve_path(spec.dataset.uri, base),
+        "eval_uri": spec.dataset.eval_uri and _resolve_path(spec.dataset.eval_uri, base),
+    })
+    if spec.checkpoint is not None:
+        update["checkpoint"] = spec.checkpoint.model_copy(update={"uri": _resolve_path(spec.checkpoint.uri, base)})
+    return spec.model_copy(update=update)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a YAML job spec; checks that a file entrypoint exists."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read job spec: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    raw = {} if raw is None else raw
+    for o in overrides or []:
+        if not isinstance(raw, dict):
+            break
+        apply_override(raw, o)
+    spec = spec_from_dict(raw, source=str(path), base=path.resolve().parent)
+    if spec.entry_target.endswith(".py"):
+        entry = Path(spec.workdir) / spec.entry_target
+        if not entry.is_file():
+            raise SpecError(f"{path}: entrypoint: file {entry} does not exist (workdir is {spec.workdir})")
+    return spec

@@ -1,0 +1,47 @@
+"""One mapping from a URI to a filesystem, used by data, checkpoints and the CLI.
+
+``s3://bucket/key`` goes to s3fs (credentials from the standard AWS chain; ``SHIPYARD_S3_ENDPOINT``
+points at MinIO, Ceph RGW or any S3-compatible store), ``file://`` and plain paths to the local
+filesystem. Every caller goes through :func:`filesystem`, so local runs exercise the same code
+path as S3 runs.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from shipyard.config import Settings
+
+# botocore's "standard" retry mode retries throttling (SlowDown), 5xx and connection errors
+# with exponential backoff and jitter; s3fs adds its own retries around reads on top.
+S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
+def storage_options(uri: str, settings: Settings | None = None) -> dict:
+    """fsspec keyword arguments for ``uri`` (also handed to DCP's fsspec writer and reader)."""
+    if not uri.startswith("s3://"):
+        return {}
+    settings = settings or Settings.from_env()
+    return {
+        "client_kwargs": {"endpoint_url": settings.s3_endpoint} if settings.s3_endpoint else {},
+        "config_kwargs": {"retries": S3_RETRIES},
+        # Listings must be fresh: checkpoints and manifests appear while we run.
+        "use_listings_cache": False,
+    }
+
+
+def filesystem(uri: str, settings: Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for ``uri``; ``path`` is what to pass to ``fs`` methods."""
+    if "://" in uri and not uri.startswith(("s3://", "file://")):
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"{uri}: unsupported URI scheme {scheme!r}; use s3://, file:// or a local path")
+    fs, path = url_to_fs(uri, **storage_options(uri, settings))
+    return fs, path.rstrip("/") if uri.startswith("s3://") else path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or path with '/' (object-store keys never use '\\')."""
+    return posixpath.join(uri.rstrip("/"), *parts)

@@ -34,6 +34,9 @@ def run(
                                             help="override a spec field, e.g. --set workers.count=4")] = [],
 ) -> None:
     """Run a job in the foreground on a local Ray (or RAY_ADDRESS); resumes from its latest checkpoint."""
+    from shipyard.config import enable_ray_token_auth
+
+    enable_ray_token_auth()  # before anything imports ray
     from shipyard.display import RunView
     from shipyard.runtime.launcher import launch
     from shipyard.spec import load_spec

@@ -35,3 +35,14 @@ def forwarded_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The driver's variables that workers need (see FORWARDED_ENV_PREFIXES)."""
     env = dict(os.environ if env is None else env)
     return {k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def enable_ray_token_auth(env: dict[str, str] | None = None) -> None:
+    """Send the cluster token when joining RAY_ADDRESS: Ray 2.60 clusters require one by default,
+    but its clients only send it in token mode. Must run before ``ray`` is imported (Ray reads
+    RAY_AUTH_MODE at import)."""
+    env = os.environ if env is None else env
+    if not env.get("RAY_ADDRESS") or "RAY_AUTH_MODE" in env:
+        return
+    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or Path("~/.ray/auth_token").expanduser().exists():
+        env["RAY_AUTH_MODE"] = "token"

@@ -12,6 +12,7 @@ import posixpath
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from shipyard.config import Settings
 
@@ -45,3 +46,10 @@ def filesystem(uri: str, settings: Settings | None = None) -> tuple[fsspec.Abstr
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI or path with '/' (object-store keys never use '\\')."""
     return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create a local directory. Object stores have no directories, and s3fs's ``makedirs``
+    would create a missing *bucket*: a typo in a URI must fail, not make new buckets."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path, exist_ok=True)

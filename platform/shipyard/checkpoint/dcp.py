@@ -59,7 +59,7 @@ def save(store: CheckpointStore, *, step: int, epoch: int, model, optimizer, sch
         store.clear(step)  # leftovers of a save that crashed before committing
     dist.barrier()
     uri = store.uri_for(step)
-    store.fs.makedirs(store.path_for(step), exist_ok=True)  # local paths; a no-op on S3
+    storage.ensure_dir(store.fs, store.path_for(step))
     with store.fs.open(storage.join(store.path_for(step), rank_file(rank)), "wb") as f:
         torch.save({"data": data_state, "rng": rng_state()}, f)
     dcp.save(_app_state(model, optimizer, scheduler),

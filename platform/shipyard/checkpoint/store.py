@@ -62,16 +62,18 @@ class CheckpointStore:
         return storage.join(self.root, step_dir(step))
 
     def check_writable(self) -> None:
-        """Fail early, naming the URI, when the location cannot be created or listed."""
+        """Fail early, naming the URI, when checkpoints cannot be written there (a probe object)."""
+        probe = storage.join(self.root, ".shipyard-write-probe")
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.ls(self.root) if self.fs.exists(self.root) else None
+            storage.ensure_dir(self.fs, self.root)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint.uri: {self.uri}: bucket or directory does not exist") from None
         except PermissionError as e:
             raise CheckpointError(f"checkpoint.uri: {self.uri}: access denied ({e})") from None
         except OSError as e:
-            raise CheckpointError(f"checkpoint.uri: {self.uri}: not usable ({e})") from None
+            raise CheckpointError(f"checkpoint.uri: {self.uri}: not writable ({e})") from None
 
     def _steps(self) -> list[int]:
         try:

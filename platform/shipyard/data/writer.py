@@ -30,11 +30,20 @@ def write_dataset(source: Source, dest: str, rows_per_shard: int, *, overwrite: 
         raise DataError(f"--rows-per-shard: got {rows_per_shard}; must be >= 1")
     fs, root = storage.filesystem(dest)
     mpath = storage.join(root, MANIFEST)
+    storage.ensure_dir(fs, root)
+    try:
+        return _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, on_rows)
+    except FileNotFoundError:
+        raise DataError(f"{dest}: bucket or directory does not exist") from None
+    except PermissionError as e:
+        raise DataError(f"{dest}: access denied ({e})") from None
+
+
+def _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, on_rows) -> Manifest:
     if fs.exists(mpath):
         if not overwrite:
             raise DataError(f"{dest}: a dataset already exists here; pass --overwrite to replace it")
         fs.rm_file(mpath)  # the old dataset stops being visible before any shard changes
-    fs.makedirs(root, exist_ok=True)
 
     shards: list[ShardInfo] = []
     pending: list[pa.RecordBatch] = []

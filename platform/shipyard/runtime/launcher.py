@@ -52,7 +52,8 @@ def connect(spec: JobSpec, settings: Settings) -> bool:
         ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
         return False
     # The dashboard stays on: Ray Train V2 watches its controller through the State API it serves.
-    ray.init(address="local", runtime_env=runtime_env, log_to_driver=True)
+    # A private cluster listens on loopback only.
+    ray.init(address="local", runtime_env=runtime_env, log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
 
 

@@ -1,0 +1,104 @@
+"""Session-wide real services: one moto S3 server over HTTP and one Ray head, both on 127.0.0.1.
+
+Tests that claim S3 behaviour talk to the moto server through s3fs/botocore over HTTP, as
+s3fs's own test suite does; nothing is patched in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RAY_CPUS = 4  # logical CPUs; Ray resources are not pinned to cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server in its own process; AWS_* and SHIPYARD_S3_ENDPOINT point at it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update({
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "SHIPYARD_S3_ENDPOINT": endpoint,
+        })
+        os.environ.pop("AWS_PROFILE", None)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    """A fresh, empty bucket for one test; returns its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One Ray head for the whole session, started like a user's cluster (`ray start --head`)."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray, "start", "--head", f"--num-cpus={RAY_CPUS}", "--node-ip-address=127.0.0.1",
+                    f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                    "--disable-usage-stats"], check=True, env=env, stdout=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        yield address
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    """Environment for running the `shipyard` command as a subprocess."""
+    env = {**os.environ, "SHIPYARD_HOME": str(tmp_path / "home"), "NO_COLOR": "1", "COLUMNS": "200",
+           "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture
+def shipyard(cli_env):
+    """Run the installed `shipyard` command; returns the CompletedProcess (text output)."""
+    exe = Path(sys.executable).parent / "shipyard"
+
+    def run(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path = REPO):
+        return subprocess.run([str(exe), *args], env={**cli_env, **(env or {})}, cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

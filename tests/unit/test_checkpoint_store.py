@@ -1,0 +1,43 @@
+"""Commit records, latest() and retention on local disk (S3 in tests/integration)."""
+
+import time
+
+from shipyard.checkpoint import CheckpointStore, CommitRecord
+from shipyard.checkpoint.store import COMMIT
+
+
+def fake_checkpoint(store: CheckpointStore, step: int, commit: bool = True) -> None:
+    path = store.path_for(step)
+    store.fs.makedirs(path, exist_ok=True)
+    store.fs.pipe_file(f"{path}/__0_0.distcp", b"x" * step)
+    if commit:
+        store.commit(CommitRecord(step=step, epoch=0, world=2, strategy="ddp", time=time.time()))
+
+
+def test_latest_ignores_uncommitted(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    assert store.latest() is None
+    fake_checkpoint(store, 100)
+    fake_checkpoint(store, 200, commit=False)  # a save that crashed mid-upload
+    latest = store.latest()
+    assert latest.step == 100 and latest.files == {"__0_0.distcp": 100}
+    assert [(c.step, c.committed) for c in store.list()] == [(100, True), (200, False)]
+
+
+def test_retention_keeps_exactly_n_committed(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    for step in (100, 200, 300, 400):
+        fake_checkpoint(store, step)
+    fake_checkpoint(store, 250, commit=False)
+    removed = store.prune(keep_last=2)
+    assert removed == [100, 200, 250]
+    assert [c.step for c in store.list()] == [300, 400]
+
+
+def test_interrupted_delete_leaves_nothing_visible(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    fake_checkpoint(store, 100)
+    fake_checkpoint(store, 200)
+    # A prune that died after removing the commit record but before the files:
+    store.fs.rm_file(f"{store.path_for(200)}/{COMMIT}")
+    assert store.latest().step == 100

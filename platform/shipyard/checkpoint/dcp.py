@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 # Public in the module below; not re-exported by torch.distributed.checkpoint in every release.
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from shipyard import storage
@@ -81,7 +82,7 @@ def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, s
     state = _app_state(model, optimizer, scheduler)
     try:
         dcp.load(state, storage_reader=FsspecReader(uri, **storage.storage_options(uri)))
-    except Exception as e:  # DCP wraps per-rank failures in CheckpointException
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise CheckpointError(f"{uri}: cannot load into this model: {_short(e)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if scheduler is not None and "scheduler" in state:

@@ -59,6 +59,18 @@ class RunView:
             self.console.print(f"{self.spec.name}: step {snap['step']}/{snap['total']} epoch {snap['epoch']}  {info}",
                                soft_wrap=True, highlight=False)
 
+    @staticmethod
+    def throughput(snap: dict) -> str:
+        """Average samples/s over the current attempt's training steps (start-up excluded)."""
+        attempts, updated = snap.get("attempts"), snap.get("updated")
+        if not attempts or not updated:
+            return ""
+        steps = snap.get("step", 0) - attempts[-1]["start_step"]
+        seconds = updated - attempts[-1]["start"]
+        if steps <= 0 or seconds <= 0:
+            return ""
+        return f", {steps * snap.get('samples_per_step', 0) / seconds:,.0f} samples/s"
+
     def summary(self, result: RunResult) -> None:
         snap = result.snapshot
         attempts = len(snap.get("attempts", [])) or 1
@@ -66,7 +78,7 @@ class RunView:
         if result.ok:
             self.console.print(f"[green]✓[/green] {self.spec.name} finished: step {snap.get('step', 0)}/"
                                f"{snap.get('total', 0)} in {result.seconds:.1f}s, {self.spec.workers.count} workers, "
-                               f"{attempts} attempt{'s' * (attempts > 1)}")
+                               f"{attempts} attempt{'s' * (attempts > 1)}{self.throughput(snap)}", highlight=False)
         else:
             self.console.print(f"[red]✗[/red] {self.spec.name} failed at step {snap.get('step', 0)} after "
                                f"{result.seconds:.1f}s: {result.error}")

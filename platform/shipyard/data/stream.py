@@ -81,7 +81,9 @@ def to_torch(table: pa.Table) -> dict:
 
     out = {}
     for name, col in zip(table.column_names, table.columns):
-        arr = col.combine_chunks()
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        # One copy (writable=True): tensors the user may modify in place must not alias the
+        # shard's buffers.
         if pa.types.is_fixed_size_list(arr.type):
             values = arr.flatten().to_numpy(zero_copy_only=False, writable=True)
             out[name] = torch.from_numpy(values.reshape(len(arr), arr.type.list_size))
@@ -162,39 +164,53 @@ class ShardStream:
             return table.slice(seg.lo, seg.hi - seg.lo)
         return table.take(pa.array(order[seg.lo:seg.hi]))
 
-    def _epoch_tables(self, epoch: int, skip: int) -> Iterator[pa.Table]:
-        order = shard_order(len(self._rows), self.seed, epoch, self.shuffle)
+    def _plan(self) -> Iterator[tuple[int, Segment]]:
+        """(epoch, segment) for everything left to read, across epoch boundaries."""
         start, stop = rank_range(self.manifest.rows, self.rank, self.world, self.drop_remainder)
-        plan = segments(self._rows, order, start + skip, stop)
+        first, skip = self.epoch, self.consumed
+        for epoch in range(first, self.epochs):
+            order = shard_order(len(self._rows), self.seed, epoch, self.shuffle)
+            for seg in segments(self._rows, order, start + (skip if epoch == first else 0), stop):
+                yield epoch, seg
+
+    def _tables(self) -> Iterator[tuple[int, pa.Table]]:
+        """Read the plan ``prefetch`` segments ahead, in threads. One pipeline spans all epochs,
+        so the first shard of the next epoch is already in memory when the current one ends."""
         pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="shipyard-prefetch")
-        pending: deque[Future] = deque()
+        pending: deque[tuple[int, Future]] = deque()
         try:
-            for seg in plan:
-                pending.append(pool.submit(self._read, seg, epoch))
+            for epoch, seg in self._plan():
+                pending.append((epoch, pool.submit(self._read, seg, epoch)))
                 if len(pending) > self.prefetch:
-                    yield pending.popleft().result()
+                    epoch, fut = pending.popleft()
+                    yield epoch, fut.result()
             while pending:
-                yield pending.popleft().result()
+                epoch, fut = pending.popleft()
+                yield epoch, fut.result()
         finally:
-            for f in pending:
+            for _, f in pending:
                 f.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[object]:
-        while self.epoch < self.epochs:
-            buf: list[pa.Table] = []
-            have = 0
-            for table in self._epoch_tables(self.epoch, self.consumed):
-                buf.append(table)
-                have += table.num_rows
-                while have >= self.batch_size:
-                    joined = pa.concat_tables(buf)
-                    batch, rest = joined.slice(0, self.batch_size), joined.slice(self.batch_size)
-                    buf, have = [rest], rest.num_rows
-                    self.consumed += batch.num_rows
-                    yield self.collate(batch)
-            if have:
-                self.consumed += have
-                yield self.collate(pa.concat_tables(buf))
-            self.epoch += 1
-            self.consumed = 0
+        buf: list[pa.Table] = []
+        have = 0
+        for epoch, table in self._tables():
+            if epoch != self.epoch:  # the previous epoch is done: its short last batch, then move on
+                if have:
+                    self.consumed += have
+                    yield self.collate(pa.concat_tables(buf))
+                    buf, have = [], 0
+                self.epoch, self.consumed = epoch, 0
+            buf.append(table)
+            have += table.num_rows
+            while have >= self.batch_size:
+                joined = pa.concat_tables(buf) if len(buf) > 1 else buf[0]
+                batch, rest = joined.slice(0, self.batch_size), joined.slice(self.batch_size)
+                buf, have = [rest], rest.num_rows
+                self.consumed += batch.num_rows
+                yield self.collate(batch)
+        if have:
+            self.consumed += have
+            yield self.collate(pa.concat_tables(buf))
+        self.epoch, self.consumed = self.epochs, 0

@@ -19,7 +19,7 @@ from shipyard.data import read_manifest
 from shipyard.errors import UserError
 from shipyard.spec import JobSpec
 
-POLL_S = 0.5
+POLL_S = 1.0  # the driver shares the machine with the workers: poll gently
 
 
 @dataclass

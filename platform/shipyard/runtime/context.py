@@ -59,7 +59,8 @@ class TrainContext:
 
     @property
     def total_steps(self) -> int:
-        return self._stream.total_batches
+        """Steps when the data is exhausted (counting steps taken before a restore)."""
+        return self.step + self._stream.remaining_batches
 
     # -- setup ----------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer_fn: Callable[[Any], torch.optim.Optimizer],
@@ -83,11 +84,10 @@ class TrainContext:
             return
         rank_state = ckpt.restore(self._store, record, model=self._model, optimizer=self._optimizer,
                                   scheduler=self._scheduler)
+        # Every rank's data state, so that a different world size still resumes exactly.
+        self._stream.load_state_dict(record.data)
         if rank_state is not None:
-            self._stream.load_state_dict(rank_state["data"])
             ckpt.set_rng_state(rank_state["rng"])
-        else:
-            self._stream.load_state_dict({**record.data[0], "consumed": 0})
         self.step = self._saved_step = record.step
         self._event(f"restored from checkpoint at step {record.step} ({record.uri})", checkpoint=record.uri)
 

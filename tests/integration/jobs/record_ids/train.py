@@ -1,0 +1,31 @@
+"""Test job: trains a linear model on digits and records each step's sample ids per rank.
+
+With ``config.crash_at``, rank 0 fails once at that step (a marker file stops it failing
+again after the restart), as a worker dying mid-epoch would.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def train(ctx):
+    torch.manual_seed(0)
+    model, optimizer = ctx.prepare(torch.nn.Linear(64, 10), lambda p: torch.optim.SGD(p, lr=0.1))
+    out = Path(ctx.config["out"])
+    crash_at = ctx.config.get("crash_at")
+    for batch in ctx.batches():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(batch["x"]), batch["y"])
+        loss.backward()
+        optimizer.step()
+        with open(out / f"rank{ctx.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": ctx.step, "ids": batch["id"].tolist()}) + "\n")
+        ctx.report(loss=loss)
+        if crash_at and ctx.rank == 0 and ctx.step == crash_at and not (out / "crashed").exists():
+            (out / "crashed").touch()
+            raise RuntimeError(f"injected failure at step {ctx.step}")
+    if ctx.rank == 0:
+        torch.save(model.module.state_dict(), out / "final.pt")

@@ -58,6 +58,7 @@ def data_shard(
     dest: Annotated[str, typer.Argument(help="where the shards and manifest go (s3://, file:// or a path)")],
     rows_per_shard: Annotated[int, typer.Option(help="rows in each shard")] = 100_000,
     overwrite: Annotated[bool, typer.Option(help="replace a dataset that already exists at DEST")] = False,
+    format: Annotated[str, typer.Option("--format", help="shard format: arrow (Arrow IPC) or parquet")] = "arrow",
 ) -> None:
     """Write a dataset as Arrow IPC shards plus a manifest."""
     from shipyard.data.sources import open_source
@@ -67,7 +68,7 @@ def data_shard(
     with Progress(TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("rows", total=source.total_rows)
-        manifest = write_dataset(source, dest, rows_per_shard, overwrite=overwrite,
+        manifest = write_dataset(source, dest, rows_per_shard, overwrite=overwrite, fmt=format,
                                  on_rows=lambda n: progress.advance(task, n))
     console.print(f"[green]✓[/green] {manifest.rows:,} rows in {len(manifest.shards)} shard"
                   f"{'s' * (len(manifest.shards) != 1)} ({manifest.bytes / 1e6:.1f} MB) -> {dest}")

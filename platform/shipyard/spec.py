@@ -39,7 +39,7 @@ class DDPStrategy(_Model):
 class Dataset(_Model):
     uri: str = Field(description="directory holding a shard manifest, written by `shipyard data shard`")
     eval_uri: str | None = Field(None, description="optional held-out dataset for ctx.eval_batches()")
-    format: Literal["arrow"] = "arrow"
+    format: Literal["auto", "arrow", "parquet"] = Field("auto", description="shard format; auto: as the manifest says")
     batch_size: int = Field(32, ge=1, description="rows per batch on each rank")
     shuffle: bool = True
     seed: int = Field(0, ge=0, description="shuffle seed; the order is a pure function of (seed, epoch, world)")

@@ -1,6 +1,7 @@
 """Shard writer and per-rank stream, on local disk (the S3 path is in tests/integration)."""
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -13,6 +14,8 @@ from shipyard.data import ShardStream, read_manifest
 from shipyard.data.sources import open_source
 from shipyard.data.writer import write_dataset
 from shipyard.errors import DataError
+
+REPO_JOB = Path(__file__).resolve().parents[2] / "jobs" / "digits" / "job.yaml"
 
 
 def make_dataset(tmp_path, rows=1000, rows_per_shard=97, name="ds"):
@@ -115,3 +118,41 @@ def test_corrupt_and_missing_shards_are_named(tmp_path):
     (tmp_path / "ds" / "shard-00001.arrow").unlink()
     with pytest.raises(DataError, match="shard-00001.arrow: shard listed in the manifest is missing"):
         ids_of(ShardStream(dest, batch_size=10, shuffle=False))
+
+
+def test_parquet_shards_stream_like_arrow(tmp_path):
+    src = tmp_path / "src.parquet"
+    pq.write_table(pa.table({"id": np.arange(500, dtype=np.int64)}), src)
+    m = write_dataset(open_source(str(src)), str(tmp_path / "pq"), 120, fmt="parquet")
+    assert m.format == "parquet" and (tmp_path / "pq" / "shard-00000.parquet").exists()
+    arrow = write_dataset(open_source(str(src)), str(tmp_path / "ipc"), 120)
+    a = ids_of(ShardStream(str(tmp_path / "pq"), batch_size=16, rank=1, world=2, seed=9))
+    b = ids_of(ShardStream(str(tmp_path / "ipc"), batch_size=16, rank=1, world=2, seed=9))
+    assert a == b and arrow.rows == m.rows
+    with pytest.raises(DataError, match="--format: got 'csv'; allowed: arrow, parquet"):
+        write_dataset(open_source(str(src)), str(tmp_path / "x"), 10, fmt="csv")
+
+
+def test_check_shards_names_bad_shard_before_training(tmp_path):
+    from shipyard.data.manifest import check_shards
+    from shipyard.data.writer import encode_shard
+
+    dest = make_dataset(tmp_path, rows=100, rows_per_shard=25)
+    check_shards(read_manifest(dest))  # all good
+    other = pa.table({"id": pa.array(np.arange(25), pa.int32()), "v": pa.array(np.zeros(25, np.float32))})
+    (tmp_path / "ds" / "shard-00002.arrow").write_bytes(encode_shard(other, "arrow").to_pybytes())
+    with pytest.raises(DataError, match="shard-00002.arrow: shard schema differs from the manifest's"):
+        check_shards(read_manifest(dest))
+    (tmp_path / "ds" / "shard-00002.arrow").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="shard-00002.arrow: shard is corrupt or unreadable"):
+        check_shards(read_manifest(dest))
+
+
+def test_run_with_a_corrupt_shard_exits_2_naming_it(tmp_path, shipyard):
+    dest = make_dataset(tmp_path, rows=100, rows_per_shard=25)
+    (tmp_path / "ds" / "shard-00003.arrow").write_bytes(b"garbage")
+    r = shipyard("run", str(REPO_JOB), "--set", f"dataset.uri={dest}", "--set", "dataset.eval_uri=null",
+                 "--set", f"checkpoint.uri={tmp_path / 'ck'}")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith(f"error: dataset.uri: {dest}/shard-00003.arrow: shard is corrupt or unreadable")
+    assert "Traceback" not in r.stdout + r.stderr

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from shipyard import storage
 from shipyard.errors import DataError
@@ -74,3 +76,34 @@ def read_manifest(uri: str) -> Manifest:
         return Manifest(uri=uri, format=raw["format"], schema=schema, shards=shards)
     except (KeyError, TypeError, ValueError, pa.ArrowInvalid) as e:
         raise DataError(f"{storage.join(uri, MANIFEST)}: not a valid shard manifest (bad {e})") from None
+
+
+def decode_shard(data: bytes, fmt: str) -> pa.Table:
+    buf = pa.py_buffer(data)
+    if fmt == "parquet":
+        return pq.read_table(pa.BufferReader(buf))
+    return pa.ipc.open_file(buf).read_all()
+
+
+def _shard_schema(manifest: Manifest, i: int) -> pa.Schema:
+    fs, path = storage.filesystem(manifest.shard_uri(i))
+    with fs.open(path, "rb") as f:  # reads the footer only (range requests on S3)
+        return pq.read_schema(f) if manifest.format == "parquet" else pa.ipc.open_file(f).schema
+
+
+def check_shards(manifest: Manifest, threads: int = 16) -> None:
+    """Before training: every shard exists and has the manifest's schema, or a DataError names it."""
+    def check(i: int) -> None:
+        uri = manifest.shard_uri(i)
+        try:
+            schema = _shard_schema(manifest, i)
+        except FileNotFoundError:
+            raise DataError(f"{uri}: shard listed in the manifest is missing") from None
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{uri}: shard is corrupt or unreadable: {e}") from None
+        if not schema.equals(manifest.schema):
+            raise DataError(f"{uri}: shard schema differs from the manifest's:\n  {schema}\n  vs\n  {manifest.schema}")
+
+    with ThreadPoolExecutor(min(threads, len(manifest.shards))) as pool:
+        for _ in pool.map(check, range(len(manifest.shards))):
+            pass

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from shipyard import storage
-from shipyard.data.manifest import Manifest, read_manifest
+from shipyard.data.manifest import Manifest, decode_shard, read_manifest
 from shipyard.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,7 @@ class ShardStream:
         uri = self.manifest.shard_uri(seg.shard)
         fs, path = storage.filesystem(uri)
         try:
-            buf = fs.cat_file(path)
-            table = pa.ipc.open_file(pa.py_buffer(buf)).read_all()
+            table = decode_shard(fs.cat_file(path), self.manifest.format)
         except FileNotFoundError:
             raise DataError(f"{uri}: shard listed in the manifest is missing") from None
         except (pa.ArrowInvalid, OSError) as e:

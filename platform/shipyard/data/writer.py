@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from shipyard import storage
 from shipyard.data.manifest import MANIFEST, Manifest, ShardInfo
@@ -20,26 +21,43 @@ from shipyard.errors import DataError
 RECORD_BATCH_ROWS = 8192
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.arrow"
+FORMATS = ("arrow", "parquet")
+
+
+def shard_name(i: int, fmt: str = "arrow") -> str:
+    return f"shard-{i:05d}.{fmt}"
+
+
+def encode_shard(table: pa.Table, fmt: str) -> pa.Buffer:
+    """One shard's bytes: Arrow IPC file (record batches) or Parquet (row groups) of RECORD_BATCH_ROWS."""
+    sink = pa.BufferOutputStream()
+    if fmt == "parquet":
+        pq.write_table(table, sink, row_group_size=RECORD_BATCH_ROWS)
+    else:
+        with pa.ipc.new_file(sink, table.schema) as w:
+            for batch in table.to_batches(max_chunksize=RECORD_BATCH_ROWS):
+                w.write_batch(batch)
+    return sink.getvalue()
 
 
 def write_dataset(source: Source, dest: str, rows_per_shard: int, *, overwrite: bool = False,
-                  on_rows: Callable[[int], None] = lambda n: None) -> Manifest:
+                  fmt: str = "arrow", on_rows: Callable[[int], None] = lambda n: None) -> Manifest:
+    if fmt not in FORMATS:
+        raise DataError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
     if rows_per_shard < 1:
         raise DataError(f"--rows-per-shard: got {rows_per_shard}; must be >= 1")
     fs, root = storage.filesystem(dest)
     mpath = storage.join(root, MANIFEST)
     storage.ensure_dir(fs, root)
     try:
-        return _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, on_rows)
+        return _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, fmt, on_rows)
     except FileNotFoundError:
         raise DataError(f"{dest}: bucket or directory does not exist") from None
     except PermissionError as e:
         raise DataError(f"{dest}: access denied ({e})") from None
 
 
-def _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, on_rows) -> Manifest:
+def _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, fmt, on_rows) -> Manifest:
     if fs.exists(mpath):
         if not overwrite:
             raise DataError(f"{dest}: a dataset already exists here; pass --overwrite to replace it")
@@ -52,12 +70,8 @@ def _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, on_rows) ->
     def flush() -> None:
         nonlocal pending, pending_rows
         table = pa.Table.from_batches(pending, schema=source.schema)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, source.schema) as w:
-            for batch in table.to_batches(max_chunksize=RECORD_BATCH_ROWS):
-                w.write_batch(batch)
-        data = sink.getvalue()
-        name = shard_name(len(shards))
+        data = encode_shard(table, fmt)
+        name = shard_name(len(shards), fmt)
         fs.pipe_file(storage.join(root, name), data.to_pybytes())
         shards.append(ShardInfo(name, table.num_rows, data.size))
         on_rows(table.num_rows)
@@ -77,9 +91,9 @@ def _write(source, dest, fs, root, mpath, rows_per_shard, overwrite, on_rows) ->
         raise DataError(f"{source.description}: source has no rows")
 
     keep = {s.name for s in shards}
-    for stale in fs.glob(storage.join(root, "shard-*.arrow")):
+    for stale in fs.glob(storage.join(root, "shard-*")):
         if stale.rsplit("/", 1)[-1] not in keep:
             fs.rm_file(stale)
-    manifest = Manifest(uri=dest, format="arrow", schema=source.schema, shards=tuple(shards))
+    manifest = Manifest(uri=dest, format=fmt, schema=source.schema, shards=tuple(shards))
     fs.pipe_file(mpath, manifest.to_json().encode())
     return manifest

@@ -16,7 +16,8 @@ import ray
 from shipyard.checkpoint import CheckpointStore
 from shipyard.config import Settings, forwarded_env
 from shipyard.data import read_manifest
-from shipyard.errors import UserError
+from shipyard.data.manifest import check_shards
+from shipyard.errors import DataError, UserError
 from shipyard.spec import JobSpec
 
 POLL_S = 1.0  # the driver shares the machine with the workers: poll gently
@@ -36,9 +37,13 @@ def preflight(spec: JobSpec) -> None:
     for label, uri in (("dataset.uri", spec.dataset.uri), ("dataset.eval_uri", spec.dataset.eval_uri)):
         if uri:
             try:
-                read_manifest(uri)
+                manifest = read_manifest(uri)
+                check_shards(manifest)
             except UserError as e:
                 raise type(e)(f"{label}: {e}") from None
+            if spec.dataset.format not in ("auto", manifest.format):
+                raise DataError(f"dataset.format: {spec.dataset.format!r}, but {uri} holds {manifest.format} shards; "
+                                f"set it to {manifest.format!r} or 'auto'")
     if spec.checkpoint:
         CheckpointStore(spec.checkpoint.uri).check_writable()
 

@@ -51,6 +51,7 @@ class Checkpoint(_Model):
     every_steps: int | None = Field(None, ge=1)
     every_seconds: float | None = Field(None, gt=0)
     keep_last: int | None = Field(3, ge=1, description="committed checkpoints to keep; null keeps all")
+    async_upload: bool = Field(True, description="upload in the background; training waits only for a copy to CPU memory")
 
 
 class JobSpec(_Model):

@@ -1,9 +1,11 @@
-"""DCP checkpoints with 2 real gloo ranks against the moto S3 server: what is saved comes back.
+"""DCP checkpoints with real gloo ranks against the moto S3 server: what is saved comes back,
+an upload killed half-way harms nothing, and a checkpoint loads at another world size.
 
 Each phase runs in fresh processes (torch.multiprocessing), like a restarted job would.
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -13,12 +15,25 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from shipyard.checkpoint import CheckpointStore
 from shipyard.checkpoint import dcp as ckpt
+from shipyard.checkpoint.saver import Checkpointer
+from shipyard.errors import CheckpointError
 
 pytestmark = pytest.mark.integration
 
 
 def _model():
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def _train(model, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+
+
+def _data_state(rank, world, step):
+    return {"epoch": 1, "consumed": 32 * step + rank, "world": world, "seed": 0, "rank": rank}
 
 
 def _phase(rank, world, port, phase, uri, out_dir):
@@ -29,22 +44,40 @@ def _phase(rank, world, port, phase, uri, out_dir):
         model = torch.nn.parallel.DistributedDataParallel(_model())
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
         store = CheckpointStore(uri)
+        saver = Checkpointer(store, strategy="ddp", keep_last=None, async_upload=True)
+        result = {}
         if phase == "save":
-            for _ in range(3):
-                opt.zero_grad()
-                model(torch.randn(4, 8)).sum().backward()
-                opt.step()
-            ckpt.save(store, step=3, epoch=1, model=model, optimizer=opt,
-                      data_state={"epoch": 1, "consumed": 96 + rank, "world": world, "seed": 0, "rank": rank},
-                      strategy="ddp", keep_last=None)
-            result = {"rand": torch.rand(3)}
+            _train(model, opt, 3)
+            result["blocked"] = saver.save(step=3, epoch=1, model=model, optimizer=opt,
+                                           data_state=_data_state(rank, world, 3))
+            # Training goes on while the upload runs; these updates must not leak into the checkpoint.
+            saved = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+            saved_avg = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+            result["rand"] = torch.rand(3)
+            _train(model, opt, 2)
+            saver.close()
+            result["params"], result["exp_avg"] = saved, saved_avg
         else:
             rank_state = ckpt.restore(store, store.latest(), model=model, optimizer=opt)
             if rank_state is not None:
                 ckpt.set_rng_state(rank_state["rng"])
-            result = {"rank_state": rank_state, "rand": torch.rand(3)}
-        result["params"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-        result["exp_avg"] = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+            result.update(rank_state=rank_state, rand=torch.rand(3))
+            result["params"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+            result["exp_avg"] = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+            if phase == "crash":
+                _train(model, opt, 3)
+                saver.save(step=6, epoch=1, model=model, optimizer=opt, data_state=_data_state(rank, world, 6))
+                if rank == 1:  # dies once its upload has begun: a SIGKILL'd worker mid-upload
+                    mine = f"{store.path_for(6)}/{ckpt.rank_file(1)}"
+                    deadline = time.monotonic() + 30
+                    while not store.fs.exists(mine) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    os._exit(1)
+                saver.close()  # rank 0: its upload cannot complete without rank 1
+            elif phase == "resave":
+                _train(model, opt, 3)
+                saver.save(step=6, epoch=1, model=model, optimizer=opt, data_state=_data_state(rank, world, 6))
+                saver.close()
         torch.save(result, os.path.join(out_dir, f"{phase}-{world}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -55,25 +88,54 @@ def run_phase(world, phase, uri, out_dir):
     return [torch.load(out_dir / f"{phase}-{world}-{r}.pt", weights_only=False) for r in range(world)]
 
 
-def test_round_trip_two_ranks_then_reshard_to_one(bucket, s3_endpoint, tmp_path):
+def assert_same_model(loaded, saved):
+    for k, v in saved["params"].items():
+        torch.testing.assert_close(loaded["params"][k], v, rtol=0, atol=0)
+    for a, b in zip(loaded["exp_avg"], saved["exp_avg"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_async_round_trip_two_ranks_then_reshard_to_one(bucket, s3_endpoint, tmp_path):
     uri = f"s3://{bucket}/ck"
     saved = run_phase(2, "save", uri, tmp_path)
     record = CheckpointStore(uri).latest()
     assert record.step == 3 and record.world == 2 and [d["consumed"] for d in record.data] == [96, 97]
+    assert {f"rank-0000{r}.pt" for r in range(2)} | {".metadata"} <= set(record.files)
 
     loaded = run_phase(2, "load", uri, tmp_path)
     for rank in range(2):
-        for k, v in saved[0]["params"].items():
-            torch.testing.assert_close(loaded[rank]["params"][k], v, rtol=0, atol=0)
-        for a, b in zip(loaded[rank]["exp_avg"], saved[0]["exp_avg"]):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_same_model(loaded[rank], saved[0])  # the state at save(), not the later updates
         assert loaded[rank]["rank_state"]["data"]["consumed"] == 96 + rank
         # RNG restored per rank: the draws continue exactly where the saved run's did.
         torch.testing.assert_close(loaded[rank]["rand"], saved[rank]["rand"], rtol=0, atol=0)
 
     resharded = run_phase(1, "load", uri, tmp_path)[0]
-    for k, v in saved[0]["params"].items():
-        torch.testing.assert_close(resharded["params"][k], v, rtol=0, atol=0)
+    assert_same_model(resharded, saved[0])
+
+
+def test_one_rank_checkpoint_loads_on_two(bucket, s3_endpoint, tmp_path):
+    uri = f"s3://{bucket}/ck"
+    saved = run_phase(1, "save", uri, tmp_path)[0]
+    loaded = run_phase(2, "load", uri, tmp_path)
+    for rank in range(2):
+        assert_same_model(loaded[rank], saved)
+    assert loaded[1]["rank_state"] is None  # no rank 1 in the saved job: nothing per-rank to restore
+
+
+def test_rank_killed_mid_upload_leaves_the_previous_checkpoint(bucket, s3_endpoint, tmp_path):
+    uri = f"s3://{bucket}/ck"
+    store = CheckpointStore(uri)
+    saved = run_phase(2, "save", uri, tmp_path)
+    with pytest.raises(Exception):  # rank 1 exits with status 1 half-way through the upload
+        run_phase(2, "crash", uri, tmp_path)
+    listed = {c.step: c.committed for c in store.list()}
+    assert listed == {3: True, 6: False}, listed  # files of step 6 were written, never committed
+    assert store.latest().step == 3
+
+    resumed = run_phase(2, "resave", uri, tmp_path)
+    for rank in range(2):
+        assert_same_model(resumed[rank], saved[0])  # came back from step 3
+    assert store.latest().step == 6 and {c.step for c in store.list()} == {3, 6}
 
 
 def test_incompatible_model_is_a_clear_error(bucket, s3_endpoint, tmp_path):
@@ -84,7 +146,6 @@ def test_incompatible_model_is_a_clear_error(bucket, s3_endpoint, tmp_path):
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         other = torch.nn.Linear(8, 3)
-        from shipyard.errors import CheckpointError
         with pytest.raises(CheckpointError, match=f"{uri}/step-000000003: cannot load into this model"):
             ckpt.restore(store, store.latest(), model=other, optimizer=torch.optim.AdamW(other.parameters()))
     finally:

@@ -2,8 +2,13 @@
 
 Model and optimizer go through DCP's ``get_state_dict``/``set_state_dict``, so the saved keys
 are the model's own names (no ``module.`` prefix from DDP) and DCP can reshard on load. Every
-rank writes its own part straight to the checkpoint URI with DCP's fsspec writer. What differs
-per rank (data-stream position, RNG states) goes in one small ``rank-NNNNN.pt`` per rank.
+rank writes its own part straight to the checkpoint URI with DCP's fsspec writer (DCP dedups
+what DDP replicates, so each rank writes about ``1/world`` of it). What differs per rank
+(data-stream position, RNG states) goes in one small ``rank-NNNNN.pt`` per rank.
+
+:func:`write` is the whole save of one rank after the state was captured; the
+:class:`~shipyard.checkpoint.saver.Checkpointer` runs it inline (synchronous) or on its upload
+thread (asynchronous).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from shipyard import storage
 from shipyard.checkpoint.store import CheckpointStore, CommitRecord
 from shipyard.errors import CheckpointError
+
+# Files (and threads) per rank: DCP splits a rank's share by size into this many files and
+# writes them at once, which is what makes an object store fast (one stream is not).
+WRITE_THREADS = 8
 
 
 def rank_file(rank: int) -> str:
@@ -44,7 +53,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _app_state(model, optimizer, scheduler) -> dict:
+def app_state(model, optimizer, scheduler=None) -> dict:
+    """The DCP state dict of a training job: references to the live tensors, not copies."""
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     if scheduler is not None:
@@ -52,34 +62,36 @@ def _app_state(model, optimizer, scheduler) -> dict:
     return state
 
 
-def save(store: CheckpointStore, *, step: int, epoch: int, model, optimizer, scheduler=None,
-         data_state: dict, strategy: str, keep_last: int | None) -> CommitRecord | None:
-    """Collective: every rank calls it at the same step. Returns the record on rank 0."""
+def write(store: CheckpointStore, *, step: int, epoch: int, state: dict, rank_state: dict,
+          strategy: str, keep_last: int | None, group=None) -> CommitRecord | None:
+    """Collective over ``group``: write this rank's files, then rank 0 commits and prunes.
+
+    DCP's coordinator writes ``.metadata`` only after gathering every rank's write results, and
+    the gather below waits for every rank too, so ``COMMIT.json`` is written after all ranks
+    finished. Returns the record on rank 0, None elsewhere.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
-        store.clear(step)  # leftovers of a save that crashed before committing
-    dist.barrier()
-    uri = store.uri_for(step)
-    storage.ensure_dir(store.fs, store.path_for(step))
-    with store.fs.open(storage.join(store.path_for(step), rank_file(rank)), "wb") as f:
-        torch.save({"data": data_state, "rng": rng_state()}, f)
-    dcp.save(_app_state(model, optimizer, scheduler),
-             storage_writer=FsspecWriter(uri, **storage.storage_options(uri)))
+    uri, path = store.uri_for(step), store.path_for(step)
+    storage.ensure_dir(store.fs, path)
+    with store.fs.open(storage.join(path, rank_file(rank)), "wb") as f:
+        torch.save(rank_state, f)
+    dcp.save(state, process_group=group,
+             storage_writer=FsspecWriter(uri, thread_count=WRITE_THREADS,
+                                         **storage.storage_options(uri)))
     data_states: list = [None] * world
-    dist.all_gather_object(data_states, data_state)
-    record = None
-    if rank == 0:
-        record = store.commit(CommitRecord(step=step, epoch=epoch, world=world, strategy=strategy,
-                                           time=time.time(), data=data_states))
-        store.prune(keep_last)
-    dist.barrier()
+    dist.all_gather_object(data_states, rank_state["data"], group=group)
+    if rank != 0:
+        return None
+    record = store.commit(CommitRecord(step=step, epoch=epoch, world=world, strategy=strategy,
+                                       time=time.time(), data=data_states))
+    store.prune(keep_last)
     return record
 
 
 def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, scheduler=None) -> dict | None:
     """Load model/optimizer/scheduler in place; return this rank's saved per-rank state, if any."""
     uri = record.uri
-    state = _app_state(model, optimizer, scheduler)
+    state = app_state(model, optimizer, scheduler)
     try:
         dcp.load(state, storage_reader=FsspecReader(uri, **storage.storage_options(uri)))
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
@@ -94,7 +106,24 @@ def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, s
         return torch.load(f, weights_only=False)
 
 
-def _short(e: Exception) -> str:
+def consolidate(record: CommitRecord) -> dict:
+    """The whole checkpoint as one plain nested dict of tensors, read in this process (no ranks).
+
+    Resharded tensors come back whole: ``{"model": {fqn: tensor}, "optim": {...}, ...}``.
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    try:
+        _load_state_dict(state, storage_reader=FsspecReader(record.uri, **storage.storage_options(record.uri)),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{record.uri}: cannot read checkpoint: {_short(e)}") from None
+    return state
+
+
+def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     keys = [line.strip() for line in text if "key" in line.lower() or "size" in line.lower()]
     return "; ".join(keys[:3]) if keys else (text[-1] if text else type(e).__name__)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from shipyard.checkpoint import CheckpointStore
 from shipyard.checkpoint import dcp as ckpt
+from shipyard.checkpoint.saver import Checkpointer, Saved
 from shipyard.data import ShardStream
 from shipyard.errors import UserError
 from shipyard.parallel import STRATEGIES
@@ -44,6 +45,7 @@ class TrainContext:
             spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=rank, world=world_size,
             seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs)
         self._store = CheckpointStore(spec.checkpoint.uri) if spec.checkpoint else None
+        self._checkpointer: Checkpointer | None = None
         self._saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._metrics: dict[str, Any] = {}
@@ -74,6 +76,10 @@ class TrainContext:
         optimizer = optimizer_fn(model.parameters())
         scheduler = scheduler_fn(optimizer) if scheduler_fn else None
         self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
+        if self._store is not None:
+            ck = self.spec.checkpoint
+            self._checkpointer = Checkpointer(self._store, strategy=self.spec.strategy.kind, keep_last=ck.keep_last,
+                                              async_upload=ck.async_upload, on_commit=self._committed)
         self._restore()
         self._push(force=True, event="started")
         return (model, optimizer) if scheduler is None else (model, optimizer, scheduler)
@@ -112,6 +118,7 @@ class TrainContext:
             yield _to_device(batch, self.device)
         if self._store and self._saved_step != self.step:
             self.checkpoint()
+        self.wait_for_checkpoint()
         self._push(force=True)
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[dict]:
@@ -143,19 +150,35 @@ class TrainContext:
         return due
 
     def checkpoint(self) -> None:
-        """Save a checkpoint now (collective: every rank must call it at the same step)."""
-        if self._store is None:
+        """Save a checkpoint now (collective: every rank must call it at the same step).
+
+        With ``checkpoint.async_upload`` (the default) this returns once the state is copied to
+        CPU memory; the upload and commit go on in the background.
+        """
+        if self._checkpointer is None:
             raise UserError("ctx.checkpoint(): the job spec has no checkpoint section")
-        t0 = time.monotonic()
-        record = ckpt.save(self._store, step=self.step, epoch=self.epoch, model=self._model,
-                           optimizer=self._optimizer, scheduler=self._scheduler,
-                           data_state=self._stream.state_dict(), strategy=self.spec.strategy.kind,
-                           keep_last=self.spec.checkpoint.keep_last)
+        blocked = self._checkpointer.save(step=self.step, epoch=self.epoch, model=self._model,
+                                          optimizer=self._optimizer, scheduler=self._scheduler,
+                                          data_state=self._stream.state_dict())
+        self._metrics["checkpoint_blocked_s"] = blocked
         self._saved_step = self.step
         self._last_save_time = time.monotonic()
-        if record is not None:
-            self._event(f"checkpoint at step {self.step} committed ({record.bytes / 1e6:.1f} MB, "
-                        f"{time.monotonic() - t0:.2f}s): {record.uri}", checkpoint=record.uri)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint in flight, if any, is committed."""
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
+
+    def close(self) -> None:
+        """Called by the platform after ``train(ctx)`` returns: commit what is in flight, free buffers."""
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def _committed(self, saved: Saved) -> None:
+        # Rank 0's upload thread, once COMMIT.json is written.
+        r = saved.record
+        self._event(f"checkpoint at step {r.step} committed ({r.bytes / 1e6:.1f} MB; training blocked "
+                    f"{saved.blocked_s:.2f}s, committed after {saved.total_s:.2f}s): {r.uri}", checkpoint=r.uri)
 
     # -- progress -------------------------------------------------------------------------
     def _event(self, message: str, **extra) -> None:

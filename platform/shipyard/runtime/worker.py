@@ -54,4 +54,5 @@ def train_loop(config: dict) -> None:
                        local_rank=tc.get_local_rank(), device=ray.train.torch.get_device(),
                        board=config.get("board"))
     load_entrypoint(spec, root)(ctx)
+    ctx.close()  # a checkpoint the user took last must be committed before the job ends
     ctx._push(force=True, event="finished")

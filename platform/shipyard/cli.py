@@ -19,7 +19,7 @@ from shipyard.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="shipyard: run distributed training jobs described in YAML.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: write Arrow shards.")
-ckpt_app = typer.Typer(no_args_is_help=True, help="Checkpoints: list what a job saved.")
+ckpt_app = typer.Typer(no_args_is_help=True, help="Checkpoints: list what a job saved, export one.")
 app.add_typer(data_app, name="data")
 app.add_typer(ckpt_app, name="checkpoints")
 
@@ -92,6 +92,27 @@ def checkpoints_list(uri: Annotated[str, typer.Argument(help="a job's checkpoint
                       datetime.datetime.fromtimestamp(r.time).isoformat(" ", "seconds") if r else "",
                       f"{r.bytes / 1e6:.1f} MB" if r else "", "yes" if c.committed else "[yellow]no[/yellow]", c.uri)
     console.print(table)
+
+
+@ckpt_app.command("export")
+def checkpoints_export(
+    uri: Annotated[str, typer.Argument(help="a job's checkpoint.uri")],
+    out: Annotated[str, typer.Argument(metavar="OUT.pt", help="file to write (a path or URI)")],
+    step: Annotated[int | None, typer.Option(help="the checkpoint's step (default: the latest committed)")] = None,
+    model_only: Annotated[bool, typer.Option(help="write only the model's state dict")] = False,
+) -> None:
+    """Write one committed checkpoint as a single torch.save file, for use outside shipyard.
+
+    The file holds {"model": state_dict, "optim": ..., "step": N, "epoch": E} (or just the model's
+    state dict with --model-only): `model.load_state_dict(torch.load(OUT)["model"])`.
+    """
+    from shipyard.checkpoint import CheckpointStore
+    from shipyard.checkpoint.export import export
+
+    with console.status(f"reading {uri}"):
+        record, nbytes = export(CheckpointStore(uri), out, step=step, model_only=model_only)
+    console.print(f"[green]✓[/green] step {record.step} (epoch {record.epoch}, saved by {record.world} "
+                  f"rank{'s' * (record.world != 1)}) -> {out} ({nbytes / 1e6:.1f} MB)", highlight=False)
 
 
 def main() -> None:

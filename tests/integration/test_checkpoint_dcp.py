@@ -150,3 +150,23 @@ def test_incompatible_model_is_a_clear_error(bucket, s3_endpoint, tmp_path):
             ckpt.restore(store, store.latest(), model=other, optimizer=torch.optim.AdamW(other.parameters()))
     finally:
         dist.destroy_process_group()
+
+
+def test_export_writes_one_plain_state_dict(bucket, s3_endpoint, tmp_path, shipyard):
+    uri = f"s3://{bucket}/ck"
+    saved = run_phase(2, "save", uri, tmp_path)[0]
+    out = tmp_path / "model.pt"
+    r = shipyard("checkpoints", "export", uri, str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"step 3 (epoch 1, saved by 2 ranks) -> {out}" in r.stdout
+    exported = torch.load(out, weights_only=True)
+    assert exported["step"] == 3 and exported["epoch"] == 1
+    plain = _model()
+    plain.load_state_dict(exported["model"])  # loads into a model that never saw shipyard
+    for k, v in saved["params"].items():
+        torch.testing.assert_close(plain.state_dict()[k], v, rtol=0, atol=0)
+
+    r = shipyard("checkpoints", "export", uri, str(tmp_path / "m.pt"), "--step", "7")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {uri}: no committed checkpoint at step 7 (committed steps: 3)"
+    assert not (tmp_path / "m.pt").exists()

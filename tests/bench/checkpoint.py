@@ -1,0 +1,175 @@
+"""How long a checkpoint blocks training, synchronous vs asynchronous, and how fast it uploads.
+
+A ~100M-parameter MLP (``--layers`` x Linear(2048, 2048)) with AdamW state (exp_avg, exp_avg_sq:
+about 1.2 GB of fp32 in all) is checkpointed by shipyard's Checkpointer from one gloo rank, to
+local disk and to a moto S3 server on 127.0.0.1 (started here, stopped at the end), in one run.
+For each store:
+
+- ``sync``: ``async_upload=False``; blocked = the whole save (DCP write + commit + prune).
+- ``async``: ``async_upload=True``; blocked = the time inside ``save()`` (wait for the previous
+  upload + copy to CPU memory). Training steps (real AdamW steps on fake gradients) run while
+  the upload is in flight and the next save comes only after it committed, as in a job whose
+  checkpoint interval is longer than an upload. ``upload_s`` is save() to COMMIT.json.
+- ``plain_put``: the same files (the local checkpoint directory) uploaded with one s3fs
+  ``put(recursive=True)`` -- or, for local disk, copied with ``LocalFileSystem.put`` then
+  ``os.sync()`` (DCP fsyncs its files) -- the throughput any uploader of those bytes gets,
+  without DCP, staging or a commit protocol.
+
+Upload throughput is compared on the ``sync`` save (the same write as ``async``, with nothing
+else running); ``async`` also reports its upload time while training competes for the CPUs.
+
+Each mode saves ``--saves`` times (default 3, ``keep_last=1``, so retention runs too); the median
+is reported. The last lines are ratios: async blocked / sync blocked (goal <= 0.05) and upload
+throughput / plain put (goal >= 0.8).
+
+Run: python tests/bench/checkpoint.py [--layers N] [--saves K] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def make_job(layers: int):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train_step(model, opt)  # creates the optimizer state
+    return model, opt
+
+
+def train_step(model, opt) -> None:
+    """An optimizer step on fake gradients: touches every parameter and state tensor, as training does."""
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+
+
+def run_mode(uri: str, model, opt, *, async_upload: bool, saves: int) -> dict:
+    from shipyard.checkpoint import CheckpointStore
+    from shipyard.checkpoint.saver import Checkpointer
+
+    store = CheckpointStore(uri)
+    committed = []
+    saver = Checkpointer(store, strategy="ddp", keep_last=1, async_upload=async_upload, on_commit=committed.append)
+    blocked, steps_during_upload = [], []
+    for i in range(1, saves + 1):
+        blocked.append(saver.save(step=i, epoch=0, model=model, optimizer=opt, data_state={"step": i}))
+        n = 0
+        while len(committed) < i:  # training goes on while the upload is in flight
+            train_step(model, opt)
+            n += 1
+        steps_during_upload.append(n)
+    saver.close()
+    nbytes = committed[-1].record.bytes
+    upload = [s.total_s for s in committed]
+    return {"blocked_s": statistics.median(blocked), "upload_s": statistics.median(upload),
+            "MB": round(nbytes / 1e6, 1), "MB_per_s": round(nbytes / 1e6 / statistics.median(upload), 1),
+            "steps_during_upload": steps_during_upload, "blocked_all": [round(b, 3) for b in blocked]}
+
+
+def plain_put(src_dir: str, dest_uri: str, repeats: int) -> dict:
+    from shipyard import storage
+
+    fs, path = storage.filesystem(dest_uri)
+    nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs_ in os.walk(src_dir) for f in fs_)
+    times = []
+    for i in range(repeats):
+        target = f"{path}/put-{i}"
+        t0 = time.monotonic()
+        fs.put(src_dir, target, recursive=True)
+        if target.startswith("/"):
+            os.sync()  # DCP fsyncs what it writes to local disk: make the copy as durable
+        times.append(time.monotonic() - t0)
+        fs.rm(target, recursive=True)
+    t = statistics.median(times)
+    return {"upload_s": t, "MB": round(nbytes / 1e6, 1), "MB_per_s": round(nbytes / 1e6 / t, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=24, help="Linear(2048, 2048) layers; 24 is ~100.7M parameters")
+    ap.add_argument("--saves", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="4 layers, 2 saves: a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.saves = 4, 2
+
+    torch.set_num_threads(2)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    moto, endpoint = start_moto()
+    tmp = tempfile.mkdtemp(prefix="shipyard-bench-ckpt-")
+    try:
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                          SHIPYARD_S3_ENDPOINT=endpoint)
+        import boto3
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+
+        model, opt = make_job(args.layers)
+        params = sum(p.numel() for p in model.parameters())
+        emit(bench="checkpoint", params=params, layers=args.layers, saves=args.saves,
+             torch=torch.__version__, threads=torch.get_num_threads())
+        results = {}
+        for store, base in (("local", os.path.join(tmp, "ck")), ("s3", "s3://bench/ck")):
+            for mode in ("sync", "async"):
+                r = run_mode(f"{base}-{mode}", model, opt, async_upload=mode == "async", saves=args.saves)
+                results[store, mode] = r
+                emit(store=store, mode=mode, **r)
+            # The newest local async checkpoint is the set of files a plain upload moves.
+            src = max(d for d in os.listdir(os.path.join(tmp, "ck-async")) if d.startswith("step-"))
+            dest = os.path.join(tmp, "plain") if store == "local" else "s3://bench/plain"
+            r = plain_put(os.path.join(tmp, "ck-async", src), dest, repeats=args.saves)
+            results[store, "plain_put"] = r
+            emit(store=store, mode="plain_put", **r)
+        for store in ("local", "s3"):
+            sync, asyn, put = results[store, "sync"], results[store, "async"], results[store, "plain_put"]
+            emit(ratio="async_blocked/sync_blocked", store=store, value=round(asyn["blocked_s"] / sync["blocked_s"], 4),
+                 goal="<= 0.05")
+            emit(ratio="upload_MBps/plain_put_MBps", store=store,
+                 value=round(sync["MB_per_s"] / put["MB_per_s"], 3), goal=">= 0.8")
+    finally:
+        moto.terminate()
+        moto.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shipyard import storage
 from shipyard.checkpoint import CheckpointStore
 from shipyard.checkpoint import dcp as ckpt
 from shipyard.checkpoint.saver import Checkpointer, Saved
@@ -193,6 +194,9 @@ class TrainContext:
             return
         self._last_push = now
         metrics = {k: _scalar(v) for k, v in self._metrics.items()}
+        retries = sum(storage.retry_counts().values())
+        if retries:
+            metrics["s3_retries"] = retries  # transient S3 errors this rank's reads and writes absorbed
         self._board.update.remote(step=self.step, total=self.total_steps, epoch=self.epoch,
                                   samples_per_step=self.spec.dataset.batch_size * self.world_size,
                                   metrics=metrics, event=event, **extra)

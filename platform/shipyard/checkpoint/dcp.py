@@ -31,7 +31,7 @@ from shipyard.errors import CheckpointError
 
 # Files (and threads) per rank: DCP splits a rank's share by size into this many files and
 # writes them at once, which is what makes an object store fast (one stream is not).
-WRITE_THREADS = 8
+WRITE_THREADS = 16
 
 
 def rank_file(rank: int) -> str:

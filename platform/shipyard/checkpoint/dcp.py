@@ -32,6 +32,10 @@ from shipyard.errors import CheckpointError
 # Files (and threads) per rank: DCP splits a rank's share by size into this many files and
 # writes them at once, which is what makes an object store fast (one stream is not).
 WRITE_THREADS = 16
+# s3fs buffers this much of a file before uploading a part. A file no larger goes up in one PUT;
+# multipart costs one more round trip and, on stores such as moto or MinIO, a server-side
+# concatenation, so files of typical size (a ~1 GB rank share / 16) stay under it.
+WRITE_BLOCK_BYTES = 128 * 2**20
 
 
 def rank_file(rank: int) -> str:
@@ -76,8 +80,7 @@ def write(store: CheckpointStore, *, step: int, epoch: int, state: dict, rank_st
     with store.fs.open(storage.join(path, rank_file(rank)), "wb") as f:
         torch.save(rank_state, f)
     dcp.save(state, process_group=group,
-             storage_writer=FsspecWriter(uri, thread_count=WRITE_THREADS,
-                                         **storage.storage_options(uri)))
+             storage_writer=FsspecWriter(uri, thread_count=WRITE_THREADS, **_writer_options(uri)))
     data_states: list = [None] * world
     dist.all_gather_object(data_states, rank_state["data"], group=group)
     if rank != 0:
@@ -86,6 +89,13 @@ def write(store: CheckpointStore, *, step: int, epoch: int, state: dict, rank_st
                                        time=time.time(), data=data_states))
     store.prune(keep_last)
     return record
+
+
+def _writer_options(uri: str) -> dict:
+    options = storage.storage_options(uri)
+    if uri.startswith("s3://"):
+        options["default_block_size"] = WRITE_BLOCK_BYTES
+    return options
 
 
 def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, scheduler=None) -> dict | None:

@@ -16,6 +16,7 @@ use a gloo group of their own: collectives from two threads on the training grou
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from shipyard.checkpoint import dcp
 from shipyard.checkpoint.store import CheckpointStore, CommitRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,10 @@ class Checkpointer:
         record = dcp.write(self.store, step=step, epoch=epoch, state=state, rank_state=rank_state,
                            strategy=self.strategy, keep_last=self.keep_last, group=self._group)
         if record is not None and self.on_commit is not None:
-            self.on_commit(Saved(record, blocked_until - t0, time.monotonic() - t0))
+            try:
+                self.on_commit(Saved(record, blocked_until - t0, time.monotonic() - t0))
+            except Exception:  # reporting must never fail a committed checkpoint
+                log.exception("checkpoint at step %d committed, but reporting it failed", step)
 
     def wait(self) -> None:
         """Block until the checkpoint in flight (if any) is committed; re-raise its failure."""

@@ -193,7 +193,8 @@ class TrainContext:
         if not force and now - self._last_push < PUSH_INTERVAL_S:
             return
         self._last_push = now
-        metrics = {k: _scalar(v) for k, v in self._metrics.items()}
+        # list(): the upload thread pushes commit events while the loop may add a metric.
+        metrics = {k: _scalar(v) for k, v in list(self._metrics.items())}
         retries = sum(storage.retry_counts().values())
         if retries:
             metrics["s3_retries"] = retries  # transient S3 errors this rank's reads and writes absorbed

@@ -52,6 +52,7 @@ class Checkpoint(_Model):
     every_seconds: float | None = Field(None, gt=0)
     keep_last: int | None = Field(3, ge=1, description="committed checkpoints to keep; null keeps all")
     async_upload: bool = Field(True, description="upload in the background; training waits only for a copy to CPU memory")
+    preemption_grace_s: float = Field(30.0, gt=0, description="after SIGTERM to a worker, seconds to commit a checkpoint before exiting")
 
 
 class JobSpec(_Model):

@@ -7,9 +7,11 @@ For each store:
 
 - ``sync``: ``async_upload=False``; blocked = the whole save (DCP write + commit + prune).
 - ``async``: ``async_upload=True``; blocked = the time inside ``save()`` (wait for the previous
-  upload + copy to CPU memory). Training steps (real AdamW steps on fake gradients) run while
-  the upload is in flight and the next save comes only after it committed, as in a job whose
-  checkpoint interval is longer than an upload. ``upload_s`` is save() to COMMIT.json.
+  upload, copy of the model to CPU memory) plus the time the next ``optimizer.step`` waited for
+  the copy of the optimizer state, which runs during the forward and backward. Training steps
+  (forward, backward and AdamW step on a batch of 16) run while the upload is in flight, and
+  the next save comes only after it committed, as in a job whose checkpoint interval is longer
+  than an upload. ``upload_s`` is save() to COMMIT.json.
 - ``plain_put``: the same files (the local checkpoint directory) uploaded with one s3fs
   ``put(recursive=True)`` -- or, for local disk, copied with ``LocalFileSystem.put`` then
   ``os.sync()`` (DCP fsyncs its files) -- the throughput any uploader of those bytes gets,
@@ -75,9 +77,9 @@ def make_job(layers: int):
 
 
 def train_step(model, opt) -> None:
-    """An optimizer step on fake gradients: touches every parameter and state tensor, as training does."""
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 1e-3)
+    """Forward, backward and an AdamW step on a small batch: touches every parameter and state tensor."""
+    opt.zero_grad(set_to_none=True)
+    model(torch.randn(16, 2048)).square().mean().backward()
     opt.step()
 
 
@@ -88,15 +90,16 @@ def run_mode(uri: str, model, opt, *, async_upload: bool, saves: int) -> dict:
     store = CheckpointStore(uri)
     committed = []
     saver = Checkpointer(store, strategy="ddp", keep_last=1, async_upload=async_upload, on_commit=committed.append)
-    blocked, steps_during_upload = [], []
+    steps_during_upload = []
     for i in range(1, saves + 1):
-        blocked.append(saver.save(step=i, epoch=0, model=model, optimizer=opt, data_state={"step": i}))
+        saver.save(step=i, epoch=0, model=model, optimizer=opt, data_state={"step": i})
         n = 0
         while len(committed) < i:  # training goes on while the upload is in flight
             train_step(model, opt)
             n += 1
         steps_during_upload.append(n)
     saver.close()
+    blocked = [s.blocked_s for s in committed]
     nbytes = committed[-1].record.bytes
     upload = [s.total_s for s in committed]
     return {"blocked_s": statistics.median(blocked), "upload_s": statistics.median(upload),

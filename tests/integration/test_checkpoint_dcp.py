@@ -170,3 +170,33 @@ def test_export_writes_one_plain_state_dict(bucket, s3_endpoint, tmp_path, shipy
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {uri}: no committed checkpoint at step 7 (committed steps: 3)"
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_optimizer_step_waits_for_the_background_copy(tmp_path):
+    """The optimizer state is copied while the next forward/backward runs; an optimizer.step
+    that comes before the copy is done must wait, or the checkpoint would hold the new state."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        _train(model, opt, 2)
+        saved_avg = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+        committed = []
+        saver = Checkpointer(CheckpointStore(str(tmp_path / "ck")), strategy="ddp", keep_last=None,
+                             on_commit=committed.append)
+        stage = saver._background_stager._stage
+        saver._background_stager._stage = lambda *a, **kw: (time.sleep(1.0), stage(*a, **kw))[1]  # a slow copy
+        saver.save(step=2, epoch=0, model=model, optimizer=opt, data_state={})
+        _train(model, opt, 1)  # steps at once, while the copy is still running
+        saver.close()
+        assert committed[0].blocked_s >= 0.9  # the wait in optimizer.step counts as blocked time
+
+        fresh = _model()
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+        _train(fresh, fresh_opt, 1)  # creates the optimizer state that the load fills in
+        ckpt.restore(saver.store, saver.store.latest(), model=fresh, optimizer=fresh_opt)
+        for p, expected in zip(fresh.parameters(), saved_avg):
+            torch.testing.assert_close(fresh_opt.state[p]["exp_avg"], expected, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

@@ -1,7 +1,11 @@
 """The Checkpointer: when a rank's training loop saves, what it waits for, and what runs behind it.
 
-An asynchronous save blocks the loop only while the state is copied into CPU memory (DCP's
-``DefaultStager``, which reuses its buffers from one save to the next); writing the files,
+An asynchronous save copies the state into CPU memory (DCP's ``DefaultStager``, which reuses its
+buffers from one save to the next; pinned on GPU) and returns. The model (parameters and
+buffers, which a forward pass may change), the scheduler and the optimizer's param groups are
+copied before ``save()`` returns. The optimizer's state (for AdamW two thirds of the bytes) is
+copied on a staging thread while the next forward and backward run: only ``optimizer.step``
+changes it, and a pre-step hook on the optimizer waits for that copy first. Writing the files,
 gathering every rank's data position and committing run on one upload thread per rank, while
 training goes on. The next save first waits for the previous upload, so at most one checkpoint
 is in flight and staging never overwrites buffers still being read. A rank that dies during an
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +42,7 @@ class Saved:
     """What rank 0 learns when a checkpoint is committed."""
 
     record: CommitRecord
-    blocked_s: float   # the training loop's time inside save()
+    blocked_s: float   # the training loop's time inside save() and waiting in optimizer.step for the copy
     total_s: float     # from save() until COMMIT.json was written
 
 
@@ -49,16 +54,20 @@ class Checkpointer:
         self.store, self.strategy, self.keep_last = store, strategy, keep_last
         self.async_upload, self.on_commit = async_upload, on_commit
         self._pending: tuple[int, Future] | None = None
-        self._group = self._stager = self._pool = None
+        self._staging: Future | None = None  # the optimizer state's copy in flight
+        self._step_wait_s = 0.0               # time optimizer.step waited for it, this checkpoint
+        self._hooks: dict[int, object] = {}   # id(optimizer) -> pre-step hook handle
+        self._group = self._stager = self._background_stager = self._pool = None
         if async_upload:
             self._group = dist.new_group(backend="gloo")
             cuda = torch.cuda.is_available()
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+            options = dict(use_pinned_memory=cuda, use_shared_memory=False, use_non_blocking_copy=cuda)
+            self._stager = DefaultStager(StagingOptions(use_async_staging=False, **options))
+            self._background_stager = DefaultStager(StagingOptions(use_async_staging=True, **options))
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="shipyard-checkpoint-upload")
 
     def save(self, *, step: int, epoch: int, model, optimizer, scheduler=None, data_state: dict) -> float:
-        """Checkpoint at ``step`` (collective). Returns the seconds the caller was blocked."""
+        """Checkpoint at ``step`` (collective). Returns the seconds the caller was blocked in here."""
         t0 = time.monotonic()
         self.wait()
         if dist.get_rank() == 0:
@@ -67,19 +76,39 @@ class Checkpointer:
         state = dcp.app_state(model, optimizer, scheduler)
         rank_state = {"data": data_state, "rng": dcp.rng_state()}
         if not self.async_upload:
-            self._write(step, epoch, state, rank_state, t0, t0)
+            self._write(step, epoch, state, None, rank_state, t0, None)
             return time.monotonic() - t0
+        optimizer_state = state["optim"].pop("state")
         staged = self._stager.stage(state)
+        self._step_wait_s = 0.0
+        self._staging = self._background_stager.stage(optimizer_state)
+        self._hook(optimizer)
         blocked_until = time.monotonic()
-        self._pending = (step, self._pool.submit(self._write, step, epoch, staged, rank_state, t0, blocked_until))
+        self._pending = (step, self._pool.submit(self._write, step, epoch, staged, self._staging, rank_state,
+                                                 t0, blocked_until))
         return blocked_until - t0
 
-    def _write(self, step, epoch, state, rank_state, t0, blocked_until) -> None:
+    def _hook(self, optimizer) -> None:
+        if id(optimizer) not in self._hooks:
+            self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        staging, self._staging = self._staging, None
+        if staging is not None and not staging.done():
+            t0 = time.monotonic()
+            futures.wait([staging])  # a failed copy is raised by the upload thread, not here
+            self._step_wait_s += time.monotonic() - t0
+
+    def _write(self, step, epoch, state, optimizer_staging, rank_state, t0, blocked_until) -> None:
+        if optimizer_staging is not None:
+            state["optim"]["state"] = optimizer_staging.result()
         record = dcp.write(self.store, step=step, epoch=epoch, state=state, rank_state=rank_state,
                            strategy=self.strategy, keep_last=self.keep_last, group=self._group)
         if record is not None and self.on_commit is not None:
+            now = time.monotonic()
+            blocked = (now if blocked_until is None else blocked_until) - t0 + self._step_wait_s  # None: synchronous
             try:
-                self.on_commit(Saved(record, blocked_until - t0, time.monotonic() - t0))
+                self.on_commit(Saved(record, blocked, now - t0))
             except Exception:  # reporting must never fail a committed checkpoint
                 log.exception("checkpoint at step %d committed, but reporting it failed", step)
 
@@ -100,6 +129,10 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            for hook in self._hooks.values():
+                hook.remove()
+            self._hooks.clear()
             if self._stager is not None:
                 self._stager.close()
+                self._background_stager.close()
                 self._pool.shutdown(wait=False)

@@ -24,6 +24,7 @@ from shipyard.checkpoint.saver import Checkpointer, Saved
 from shipyard.data import ShardStream
 from shipyard.errors import UserError
 from shipyard.parallel import STRATEGIES
+from shipyard.runtime import preemption
 from shipyard.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 # Rank 0 sends progress to the driver at most this often: an actor call costs about 1 ms of
 # the training loop (measured in tests/bench/step_overhead.py), so once a second is ~0.1%.
 PUSH_INTERVAL_S = 1.0
+# Ranks compare SIGTERM notices and every_seconds clocks about this often (one all-reduce).
+AGREE_EVERY_S = 1.0
 
 
 class TrainContext:
@@ -47,6 +50,9 @@ class TrainContext:
             seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs)
         self._store = CheckpointStore(spec.checkpoint.uri) if spec.checkpoint else None
         self._checkpointer: Checkpointer | None = None
+        self._control = None
+        self._agree_at = self._agreed_step = 0  # see _step_boundary
+        self._agreed_time = time.monotonic()
         self._saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._metrics: dict[str, Any] = {}
@@ -79,6 +85,7 @@ class TrainContext:
         self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
         if self._store is not None:
             ck = self.spec.checkpoint
+            self._control = dist.new_group(backend="gloo")  # for _step_boundary's agreement
             self._checkpointer = Checkpointer(self._store, strategy=self.spec.strategy.kind, keep_last=ck.keep_last,
                                               async_upload=ck.async_upload, on_commit=self._committed)
         self._restore()
@@ -95,7 +102,7 @@ class TrainContext:
         self._stream.load_state_dict(record.data)
         if rank_state is not None:
             ckpt.set_rng_state(rank_state["rng"])
-        self.step = self._saved_step = record.step
+        self.step = self._saved_step = self._agree_at = self._agreed_step = record.step
         self._event(f"restored from checkpoint at step {record.step} ({record.uri})", checkpoint=record.uri)
 
     # -- the loop -------------------------------------------------------------------------
@@ -109,8 +116,7 @@ class TrainContext:
             raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.batches()")
         it = iter(self._stream)
         while True:
-            if self._checkpoint_due():
-                self.checkpoint()
+            self._step_boundary()
             try:
                 batch = next(it)
             except StopIteration:
@@ -138,30 +144,52 @@ class TrainContext:
         self._push()
 
     # -- checkpoints ----------------------------------------------------------------------
-    def _checkpoint_due(self) -> bool:
+    def _step_boundary(self) -> None:
+        """Between two batches: checkpoint when due; stop here when any rank got SIGTERM.
+
+        Ranks must agree on both, or the collective save deadlocks. ``every_steps`` is the same
+        arithmetic on every rank; ``every_seconds`` clocks and SIGTERM notices are compared in a
+        tiny all-reduce on a gloo group of its own. That costs milliseconds on a busy machine, so
+        it runs about once every ``AGREE_EVERY_S``: each check also agrees on the number of steps
+        until the next one, from the step time the ranks measured.
+        """
         ck = self.spec.checkpoint
-        if ck is None or self.step == 0 or self.step == self._saved_step:
-            return False
+        if ck is None:
+            return
         due = bool(ck.every_steps and self.step % ck.every_steps == 0)
-        if ck.every_seconds:
-            # Ranks must agree, or the collective save deadlocks: take rank 0's clock.
-            flag = torch.tensor([int(due or time.monotonic() - self._last_save_time >= ck.every_seconds)])
-            dist.broadcast(flag, src=0)
-            due = bool(flag.item())
-        return due
+        noticed = -1
+        if self.step >= self._agree_at:
+            now = time.monotonic()
+            steps, seconds = self.step - self._agreed_step, now - self._agreed_time
+            interval = max(1, min(1000, int(AGREE_EVERY_S * steps / seconds))) if steps and seconds > 0 else 1
+            flags = torch.tensor([
+                int(ck.every_seconds is not None and now - self._last_save_time >= ck.every_seconds),
+                self.rank + 1 if preemption.requested() else 0,
+                interval])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control)
+            due = due or bool(flags[0])
+            noticed = int(flags[1]) - 1  # the highest rank that received SIGTERM, or -1
+            self._agree_at, self._agreed_step, self._agreed_time = self.step + int(flags[2]), self.step, now
+        if (due or noticed >= 0) and self.step not in (0, self._saved_step):
+            self.checkpoint()
+        if noticed >= 0:
+            self.wait_for_checkpoint()
+            message = (f"preempted: rank {noticed} received SIGTERM; checkpoint at step {self.step} committed, "
+                       f"the job restarts from it")
+            self._event(message)
+            raise preemption.Preempted(message)
 
     def checkpoint(self) -> None:
         """Save a checkpoint now (collective: every rank must call it at the same step).
 
-        With ``checkpoint.async_upload`` (the default) this returns once the state is copied to
-        CPU memory; the upload and commit go on in the background.
+        With ``checkpoint.async_upload`` (the default) this returns once the model is copied to
+        CPU memory; the optimizer state is copied before the next ``optimizer.step``, and the
+        upload and commit go on in the background.
         """
         if self._checkpointer is None:
             raise UserError("ctx.checkpoint(): the job spec has no checkpoint section")
-        blocked = self._checkpointer.save(step=self.step, epoch=self.epoch, model=self._model,
-                                          optimizer=self._optimizer, scheduler=self._scheduler,
-                                          data_state=self._stream.state_dict())
-        self._metrics["checkpoint_blocked_s"] = blocked
+        self._checkpointer.save(step=self.step, epoch=self.epoch, model=self._model, optimizer=self._optimizer,
+                                scheduler=self._scheduler, data_state=self._stream.state_dict())
         self._saved_step = self.step
         self._last_save_time = time.monotonic()
 
@@ -178,6 +206,7 @@ class TrainContext:
     def _committed(self, saved: Saved) -> None:
         # Rank 0's upload thread, once COMMIT.json is written.
         r = saved.record
+        self._metrics["checkpoint_blocked_s"] = saved.blocked_s
         self._event(f"checkpoint at step {r.step} committed ({r.bytes / 1e6:.1f} MB; training blocked "
                     f"{saved.blocked_s:.2f}s, committed after {saved.total_s:.2f}s): {r.uri}", checkpoint=r.uri)
 

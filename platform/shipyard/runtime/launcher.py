@@ -82,12 +82,18 @@ def _trainer(spec: JobSpec, board, settings: Settings):
 
     from shipyard.runtime.worker import train_loop
 
+    torch_config = None
+    if spec.checkpoint:
+        from shipyard.runtime.preemption import PreemptionAwareTorchConfig
+
+        torch_config = PreemptionAwareTorchConfig(preemption_grace_s=spec.checkpoint.preemption_grace_s)
     resources = {"CPU": spec.workers.cpus}
     if spec.workers.gpus:
         resources["GPU"] = spec.workers.gpus
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "board": board},
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=spec.workers.count, use_gpu=spec.workers.gpus > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -1,10 +1,13 @@
 """Test job: trains a linear model on digits and records each step's sample ids per rank.
 
 With ``config.crash_at``, rank 0 fails once at that step (a marker file stops it failing
-again after the restart), as a worker dying mid-epoch would.
+again after the restart), as a worker dying mid-epoch would. With ``config.sigterm_at``, rank 1
+sends itself SIGTERM once after that step, as a Kubernetes eviction or a spot notice would.
 """
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ def train(ctx):
     model, optimizer = ctx.prepare(torch.nn.Linear(64, 10), lambda p: torch.optim.SGD(p, lr=0.1))
     out = Path(ctx.config["out"])
     crash_at = ctx.config.get("crash_at")
+    sigterm_at = ctx.config.get("sigterm_at")
     for batch in ctx.batches():
         optimizer.zero_grad()
         loss = F.cross_entropy(model(batch["x"]), batch["y"])
@@ -27,5 +31,8 @@ def train(ctx):
         if crash_at and ctx.rank == 0 and ctx.step == crash_at and not (out / "crashed").exists():
             (out / "crashed").touch()
             raise RuntimeError(f"injected failure at step {ctx.step}")
+        if sigterm_at and ctx.rank == 1 and ctx.step == sigterm_at and not (out / "sigterm").exists():
+            (out / "sigterm").write_text(str(ctx.step))
+            os.kill(os.getpid(), signal.SIGTERM)
     if ctx.rank == 0:
         torch.save(model.module.state_dict(), out / "final.pt")

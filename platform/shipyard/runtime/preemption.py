@@ -1,0 +1,82 @@
+"""Preemption notice: SIGTERM to a worker (a Kubernetes eviction, a spot notice) becomes a checkpoint.
+
+Ray Train runs ``train(ctx)`` in a thread of the worker actor, and Python lets only the main
+thread install signal handlers; Ray's own handler there exits the process at once. So the
+torch backend below, after setting up the process group, runs :func:`install` on every worker
+actor's main thread (``worker_group.execute`` is an ordinary actor call, and a training worker
+runs its calls on that thread). The handler only records the notice; the training loop reads it
+at the next step boundary, where every rank agrees on it in one tiny collective
+(:meth:`TrainContext.batches`), all ranks checkpoint at the same step, wait for the commit and
+raise :class:`Preempted`, and Ray Train restarts the worker group, which resumes from that
+checkpoint: no step is lost. If the checkpoint is not committed within ``grace_s`` of the
+notice, the process exits as SIGTERM would have made it (status 143).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend  # the backend TorchConfig builds; extended below
+
+log = logging.getLogger(__name__)
+
+_notice = threading.Event()
+_received_at: float | None = None
+
+
+class Preempted(RuntimeError):
+    """Raised on every rank once the preemption checkpoint is committed; Ray Train restarts the group."""
+
+
+def requested() -> bool:
+    """Whether this process received SIGTERM."""
+    return _notice.is_set()
+
+
+def _on_sigterm(grace_s: float) -> None:
+    global _received_at
+    if _notice.is_set():
+        return
+    _received_at = time.monotonic()
+    _notice.set()
+    log.warning("SIGTERM: checkpointing at the next step boundary (grace period %.0fs)", grace_s)
+    timer = threading.Timer(grace_s, _expire, args=(grace_s,))
+    timer.daemon = True
+    timer.start()
+
+
+def _expire(grace_s: float) -> None:
+    log.error("SIGTERM: no checkpoint committed within the %.0fs grace period; exiting", grace_s)
+    os._exit(128 + signal.SIGTERM)
+
+
+def install(grace_s: float) -> bool:
+    """Handle SIGTERM by recording a notice. Must run on the process's main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("preemption notice not armed: not on the main thread")
+        return False
+    signal.signal(signal.SIGTERM, lambda signum, frame: _on_sigterm(grace_s))
+    return True
+
+
+class _PreemptionAwareBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config) -> None:
+        super().on_start(worker_group, backend_config)
+        worker_group.execute(install, backend_config.preemption_grace_s)
+
+
+@dataclass
+class PreemptionAwareTorchConfig(TorchConfig):
+    """TorchConfig whose workers turn SIGTERM into a checkpoint (see the module docstring)."""
+
+    preemption_grace_s: float = 30.0
+
+    @property
+    def backend_cls(self):
+        return _PreemptionAwareBackend

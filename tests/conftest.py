@@ -69,18 +69,34 @@ def bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
-    """One Ray head for the whole session, started like a user's cluster (`ray start --head`)."""
+    """One Ray head for the whole session, started like a user's cluster (`ray start --head`).
+
+    `--block` keeps the head's launcher in the foreground, so teardown stops this cluster only
+    (`ray stop` would stop every Ray cluster on the machine, including another test session's).
+    """
+    import signal
+
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([ray, "start", "--head", f"--num-cpus={RAY_CPUS}", "--node-ip-address=127.0.0.1",
-                    f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                    "--disable-usage-stats"], check=True, env=env, stdout=subprocess.DEVNULL)
+    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
+    proc = subprocess.Popen([ray, "start", "--head", "--block", f"--num-cpus={RAY_CPUS}",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
+        wait_for_port(port, timeout=60)
+        wait_for_port(dash, timeout=60)
         yield address
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
 
 
 @pytest.fixture

@@ -84,7 +84,32 @@ class RunView:
                                f"{result.seconds:.1f}s: {result.error}")
         if metrics:
             self.console.print(f"  metrics: {metrics}")
+        attempts_list = snap.get("attempts", [])
+        if len(attempts_list) > 1 or any(a.get("cause") for a in attempts_list):
+            self.console.print("  attempts:")
+            for line in attempt_lines(attempts_list):
+                self.console.print(f"    {line}", soft_wrap=True, highlight=False)
         if snap.get("checkpoint"):
             self.console.print(f"  latest checkpoint: {snap['checkpoint']}")
         elif self.spec.checkpoint:
             self.console.print(f"  checkpoints: {self.spec.checkpoint.uri}")
+
+
+def attempt_lines(attempts: list[dict]) -> list[str]:
+    """One line per attempt: when, how it ended, the steps it ran, committed and lost."""
+    if not attempts:
+        return []
+    t0 = attempts[0]["start"]
+    lines = []
+    for a in attempts:
+        end = f"{a['end'] - t0:.1f}s" if a.get("end") else "now"
+        how = {"finished": "finished", None: "running"}.get(a.get("kind"), f"{a.get('kind')}: {a.get('cause')}")
+        steps = f"steps {a.get('start_step') or 0}->{a.get('last_step', 0)}"
+        if a.get("committed_step") is not None:
+            steps += f", committed {a['committed_step']}"
+        if a.get("steps_lost") is not None and a.get("kind") != "finished":
+            steps += f", lost {a['steps_lost']}"
+        if a["number"] > 1 and a.get("recovery_s") is not None:
+            steps += f", first step {a['recovery_s']:.1f}s after restart"
+        lines.append(f"#{a['number']} {a['start'] - t0:.1f}s-{end}  {how}  ({steps})")
+    return lines

@@ -24,16 +24,44 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_QUANTITY = re.compile(r"^(?P<n>\d+(\.\d+)?)(?P<unit>|k|M|G|T|Ki|Mi|Gi|Ti)$")
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
 class Workers(_Model):
     count: int = Field(2, ge=1, le=4096, description="number of training processes (ranks)")
     cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     gpus: float = Field(0.0, ge=0, description="GPUs per worker; > 0 selects CUDA + NCCL")
+    memory: str | None = Field(None, description="memory per worker, a Kubernetes quantity such as 8Gi or 512M; "
+                                                 "reserved in Ray and requested from Kubernetes")
+    pool: str | None = Field(None, description="node pool for the workers on Kubernetes (a name from the server's config)")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None and not _QUANTITY.match(v):
+            raise ValueError("must be a quantity such as 8Gi, 512Mi, 4G or a number of bytes")
+        return v
+
+    @property
+    def memory_bytes(self) -> int:
+        """``memory`` in bytes (0 when not set)."""
+        if self.memory is None:
+            return 0
+        m = _QUANTITY.match(self.memory)
+        return int(float(m["n"]) * _UNITS[m["unit"]])
 
 
 class DDPStrategy(_Model):
-    """Data parallel: every rank holds the whole model, gradients are averaged."""
+    """Data parallel: every rank holds the whole model, gradients are averaged (PyTorch DDP)."""
 
     kind: Literal["ddp"] = "ddp"
+
+
+class HorovodStrategy(_Model):
+    """Data parallel through Horovod (Gloo on CPU, NCCL on GPU), on the same Ray workers."""
+
+    kind: Literal["horovod"] = "horovod"
 
 
 class Dataset(_Model):
@@ -60,10 +88,13 @@ class JobSpec(_Model):
     entrypoint: str = Field(description="`file.py:function` (relative to workdir) or `module:function`")
     workdir: str = Field(".", description="directory shipped to the workers; relative to the spec file")
     workers: Workers = Workers()
-    strategy: DDPStrategy = DDPStrategy()
+    strategy: DDPStrategy | HorovodStrategy = Field(DDPStrategy(), discriminator="kind")
+    image: str | None = Field(None, description="worker container image on Kubernetes (default: the server's)")
+    priority: int = Field(0, ge=-1000, le=1000, description="queue priority; higher runs first and may preempt lower")
     dataset: Dataset
     checkpoint: Checkpoint | None = None
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts allowed; -1 = unlimited")
+    max_failures: int = Field(0, ge=-1, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
+    stall_timeout_s: float | None = Field(600.0, gt=0, description="a rank that finishes no step for this long fails the attempt (it restarts from the last checkpoint); null turns detection off")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for the workers")
     config: dict[str, Any] = Field(default_factory=dict, description="free-form values handed to train(ctx) as ctx.config")
 
@@ -112,32 +143,46 @@ def _resolve_path(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    cur: Any = model
-    for part in loc[:-1]:
+def _resolve_loc(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """Walk an error location through the spec's models. Drops the tag pydantic inserts for a
+    discriminated union (``strategy.tensor.tp`` -> ``strategy.tp``); returns the cleaned location
+    and the model holding its last part (None when it is not inside a model)."""
+    cur: Any = JobSpec
+    out: list = []
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        out.append(part)
         field = getattr(cur, "model_fields", {}).get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        cur = field.annotation
-        args = getattr(cur, "__args__", None)
-        if args:  # Optional[Model]
-            cur = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-            return None
-    return list(cur.model_fields)
+        if field is None or not parts:
+            break
+        models = [a for a in (getattr(field.annotation, "__args__", None) or (field.annotation,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        by_tag = {m.model_fields["kind"].default: m for m in models if "kind" in m.model_fields}
+        if len(models) > 1 and parts[0] in by_tag:
+            cur = by_tag[parts.pop(0)]
+        else:
+            cur = models[0] if models else None
+    return tuple(out), cur
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        raw_loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc, _ = _resolve_loc(raw_loc)
         path = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_fields(JobSpec, loc)
+            _, holder = _resolve_loc(raw_loc[:-1] + ("?",)) if len(raw_loc) > 1 else (None, JobSpec)
+            allowed = list(holder.model_fields) if isinstance(holder, type) and issubclass(holder, BaseModel) else None
             hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
             lines.append(f"{source}: {path}: unknown field{hint}")
         elif e["type"] == "missing":
             lines.append(f"{source}: {path}: required field is missing")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tags = e.get("ctx", {}).get("expected_tags", "")
+            got = e["input"].get("kind") if isinstance(e["input"], dict) else e["input"]
+            lines.append(f"{source}: {path}.kind: got {got!r}; input should be one of {tags}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: {path}: got {e['input']!r}; {msg[0].lower()}{msg[1:]}")

@@ -25,6 +25,7 @@ from shipyard.data import ShardStream
 from shipyard.errors import UserError
 from shipyard.parallel import STRATEGIES
 from shipyard.runtime import preemption
+from shipyard.runtime.watchdog import Watchdog
 from shipyard.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class TrainContext:
         self._last_save_time = time.monotonic()
         self._metrics: dict[str, Any] = {}
         self._last_push = 0.0
+        self._busy = False  # inside a platform wait (restore, checkpoint commit): not a stall
+        self._watchdog: Watchdog | None = None
 
     @property
     def epoch(self) -> int:
@@ -79,8 +82,7 @@ class TrainContext:
         ``optimizer_fn`` receives the parameters of the wrapped model (strategies such as FSDP
         replace them). Returns ``(model, optimizer)``, or ``(model, optimizer, scheduler)``.
         """
-        model = STRATEGIES[self.spec.strategy.kind](model, self.device, self.spec.strategy)
-        optimizer = optimizer_fn(model.parameters())
+        model, optimizer = STRATEGIES[self.spec.strategy.kind](model, self.device, optimizer_fn, self.spec.strategy)
         scheduler = scheduler_fn(optimizer) if scheduler_fn else None
         self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
         if self._store is not None:
@@ -88,8 +90,14 @@ class TrainContext:
             self._control = dist.new_group(backend="gloo")  # for _step_boundary's agreement
             self._checkpointer = Checkpointer(self._store, strategy=self.spec.strategy.kind, keep_last=ck.keep_last,
                                               async_upload=ck.async_upload, on_commit=self._committed)
+        self._busy = True
         self._restore()
+        self._busy = False
         self._push(force=True, event="started")
+        if self._board is not None and self.spec.stall_timeout_s:
+            self._watchdog = Watchdog(self._board, self.rank, self.spec.stall_timeout_s,
+                                      step=lambda: self.step, busy=lambda: self._busy)
+            self._watchdog.start()
         return (model, optimizer) if scheduler is None else (model, optimizer, scheduler)
 
     def _restore(self) -> None:
@@ -126,6 +134,7 @@ class TrainContext:
         if self._store and self._saved_step != self.step:
             self.checkpoint()
         self.wait_for_checkpoint()
+        self._stop_watchdog()  # what the user does after the last batch (evaluation) has no steps
         self._push(force=True)
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[dict]:
@@ -188,32 +197,59 @@ class TrainContext:
         """
         if self._checkpointer is None:
             raise UserError("ctx.checkpoint(): the job spec has no checkpoint section")
+        self._busy = True  # the save waits for the previous upload's commit
         self._checkpointer.save(step=self.step, epoch=self.epoch, model=self._model, optimizer=self._optimizer,
                                 scheduler=self._scheduler, data_state=self._stream.state_dict())
+        self._busy = False
         self._saved_step = self.step
         self._last_save_time = time.monotonic()
 
     def wait_for_checkpoint(self) -> None:
         """Block until the checkpoint in flight, if any, is committed."""
         if self._checkpointer is not None:
-            self._checkpointer.wait()
+            self._busy = True
+            try:
+                self._checkpointer.wait()
+            finally:
+                self._busy = False
 
     def close(self) -> None:
         """Called by the platform after ``train(ctx)`` returns: commit what is in flight, free buffers."""
+        self._stop_watchdog()
         if self._checkpointer is not None:
             self._checkpointer.close()
+        if self.spec.strategy.kind == "horovod":
+            from shipyard.parallel.horovod import shutdown
+
+            shutdown()
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     def _committed(self, saved: Saved) -> None:
         # Rank 0's upload thread, once COMMIT.json is written.
         r = saved.record
         self._metrics["checkpoint_blocked_s"] = saved.blocked_s
         self._event(f"checkpoint at step {r.step} committed ({r.bytes / 1e6:.1f} MB; training blocked "
-                    f"{saved.blocked_s:.2f}s, committed after {saved.total_s:.2f}s): {r.uri}", checkpoint=r.uri)
+                    f"{saved.blocked_s:.2f}s, committed after {saved.total_s:.2f}s): {r.uri}", checkpoint=r.uri,
+                    committed_step=r.step)
 
     # -- progress -------------------------------------------------------------------------
     def _event(self, message: str, **extra) -> None:
         log.debug(message)
         self._push(force=True, event=message, **extra)
+
+    def _reached(self) -> None:
+        if self._board is None:
+            return
+        import ray
+
+        try:
+            ray.get(self._board.reached.remote(self.step), timeout=5)
+        except Exception as e:  # failing already; this is only bookkeeping
+            log.debug("could not report the step reached: %s", e)
 
     def _push(self, force: bool = False, event: str | None = None, **extra) -> None:
         if self._board is None or self.rank != 0:

@@ -80,6 +80,7 @@ def _trainer(spec: JobSpec, board, settings: Settings):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from shipyard.runtime.attempts import AttemptsCallback
     from shipyard.runtime.worker import train_loop
 
     torch_config = None
@@ -99,7 +100,10 @@ def _trainer(spec: JobSpec, board, settings: Settings):
         run_config=RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(settings.home / "ray_results"),
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            # Ray retries without limit; the board's ledger enforces max_failures, not counting
+            # preemptions (see runtime/attempts.py).
+            failure_config=FailureConfig(max_failures=-1),
+            callbacks=[AttemptsCallback(board)],
         ),
     )
 
@@ -113,7 +117,7 @@ def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
     started_ray = connect(spec, settings)
     try:
         check_capacity(spec, local=started_ray)
-        board = ProgressBoard.remote()
+        board = ProgressBoard.remote(spec.max_failures, spec.workers.count, spec.stall_timeout_s)
         trainer = _trainer(spec, board, settings)
         outcome: dict = {}
 
@@ -132,9 +136,12 @@ def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
             snapshot = ray.get(board.snapshot.remote())
             on_progress(snapshot)
         seconds = time.monotonic() - t0
+        snapshot = ray.get(board.snapshot.remote())
         if "error" in outcome:
             message, is_user = explain(outcome["error"])
             return RunResult(False, seconds, snapshot, message, is_user)
+        if snapshot.get("exhausted"):
+            return RunResult(False, seconds, snapshot, snapshot["exhausted"], snapshot.get("user_error", False))
         return RunResult(True, seconds, snapshot)
     finally:
         if started_ray:

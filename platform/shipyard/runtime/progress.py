@@ -11,29 +11,75 @@ from dataclasses import dataclass, field
 
 import ray
 
+from shipyard.runtime.attempts import Ledger
+from shipyard.runtime.watchdog import Beat, Stall, beat, find_stall
+
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    def __init__(self) -> None:
+    """The driver-side record of a run: progress, events, attempts (see ``attempts.py``) and the
+    ranks' heartbeats (see ``watchdog.py``). Every method is quick; the actor is never a bottleneck."""
+
+    def __init__(self, max_failures: int = 0, world: int = 1, stall_timeout_s: float | None = None) -> None:
         self.state: dict = {"step": 0, "total": 0, "epoch": 0, "metrics": {}, "samples_per_step": 0}
         self.events: list[tuple[float, str]] = []
-        self.attempts: list[dict] = []
+        self.ledger = Ledger(max_failures)
+        self.world, self.stall_timeout_s = world, stall_timeout_s
+        self.beats: dict[int, Beat] = {}
+        self.stall: Stall | None = None
         self.checkpoint: str | None = None
 
-    def update(self, *, step, total, epoch, samples_per_step, metrics, event=None, checkpoint=None) -> None:
-        self.state.update(step=step, total=total, epoch=epoch, samples_per_step=samples_per_step,
-                          updated=time.time())
+    def admit(self) -> str | None:
+        """Asked by every rank before the user's code runs: None, or why no further attempt may run."""
+        opened = self.ledger.current is None
+        refused = self.ledger.admit(time.time())
+        if opened and not refused:
+            self.beats, self.stall = {}, None
+        return refused
+
+    def update(self, *, step, total, epoch, samples_per_step, metrics, event=None, checkpoint=None,
+               committed_step=None) -> None:
+        now = time.time()
+        self.state.update(step=step, total=total, epoch=epoch, samples_per_step=samples_per_step, updated=now)
         self.state["metrics"].update(metrics)
         if checkpoint:
             self.checkpoint = checkpoint
         if event == "started":
-            self.attempts.append({"start": time.time(), "start_step": step})
-        elif event:
-            self.events.append((time.time(), event))
+            self.ledger.restored(step)
+        self.ledger.progress(step, now, committed_step)
+        if event == "finished":
+            self.ledger.end(now)
+        elif event and event != "started":
+            self.events.append((now, event))
+
+    def reached(self, step: int) -> None:
+        """From a rank whose attempt is failing: the step it got to (for steps lost)."""
+        self.ledger.progress(step, time.time())
+
+    def attempt_failed(self, cause: str, kind: str) -> None:
+        """From Ray Train's controller (``AttemptsCallback``), before it restarts the worker group."""
+        current = self.ledger.current
+        if current is None:
+            return
+        if self.stall is not None:  # a rank exited because it stalled: say so, not just "process died"
+            cause, kind = self.stall.message, "failed"
+        self.ledger.end(time.time(), kind, cause)
+        self.events.append((time.time(), f"attempt {current.number} ended: {cause}"))
+
+    def heartbeat(self, rank: int, step: int, busy: bool) -> Stall | None:
+        if self.ledger.current is None or not self.stall_timeout_s:
+            return None
+        now = time.time()
+        self.beats[rank] = beat(self.beats.get(rank), step, busy, now)
+        if self.stall is None:
+            self.stall = find_stall(self.beats, self.world, now, self.stall_timeout_s)
+            if self.stall is not None:
+                self.events.append((now, self.stall.message))
+        return self.stall
 
     def snapshot(self) -> dict:
-        return {**self.state, "events": list(self.events), "attempts": list(self.attempts),
-                "checkpoint": self.checkpoint}
+        return {**self.state, "events": list(self.events), "attempts": self.ledger.to_dicts(),
+                "exhausted": self.ledger.exhausted, "user_error": self.ledger.user_error, "checkpoint": self.checkpoint}
 
 
 @dataclass

@@ -49,10 +49,17 @@ def train_loop(config: dict) -> None:
     # Ray unpacks the job's working_dir as our cwd; a Ray started by the caller (tests, an
     # in-process launch) has no runtime_env, so fall back to the spec's own workdir.
     root = os.getcwd() if (Path.cwd() / spec.entry_target).exists() else spec.workdir
+    board = config.get("board")
+    if board is not None and ray.get(board.admit.remote()) is not None:
+        return  # no further attempt allowed (max_failures, or a user error): the driver reports why
     tc = ray.train.get_context()
     ctx = TrainContext(spec, rank=tc.get_world_rank(), world_size=tc.get_world_size(),
                        local_rank=tc.get_local_rank(), device=ray.train.torch.get_device(),
-                       board=config.get("board"))
-    load_entrypoint(spec, root)(ctx)
+                       board=board)
+    try:
+        load_entrypoint(spec, root)(ctx)
+    except BaseException:
+        ctx._reached()  # rank 0's progress reports are up to a second old: say how far this rank got
+        raise
     ctx.close()  # a checkpoint the user took last must be committed before the job ends
     ctx._push(force=True, event="finished")

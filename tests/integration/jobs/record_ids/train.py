@@ -3,11 +3,15 @@
 With ``config.crash_at``, rank 0 fails once at that step (a marker file stops it failing
 again after the restart), as a worker dying mid-epoch would. With ``config.sigterm_at``, rank 1
 sends itself SIGTERM once after that step, as a Kubernetes eviction or a spot notice would.
+``config.kills`` (a list of ``[step, rank]``) SIGKILLs that rank's process once at each of those
+steps; ``config.hang_at`` makes rank 1 sleep once after that step (a hung rank);
+``config.fail_at`` raises on rank 0 at that step in every attempt (a bug no restart fixes).
 """
 
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -34,5 +38,15 @@ def train(ctx):
         if sigterm_at and ctx.rank == 1 and ctx.step == sigterm_at and not (out / "sigterm").exists():
             (out / "sigterm").write_text(str(ctx.step))
             os.kill(os.getpid(), signal.SIGTERM)
+        for step, rank in ctx.config.get("kills", []):
+            marker = out / f"killed-{step}"
+            if ctx.step == step and ctx.rank == rank and not marker.exists():
+                marker.write_text(f"{time.time()}")
+                os.kill(os.getpid(), signal.SIGKILL)
+        if ctx.config.get("hang_at") == ctx.step and ctx.rank == 1 and not (out / "hung").exists():
+            (out / "hung").touch()
+            time.sleep(3600)
+        if ctx.config.get("fail_at") == ctx.step and ctx.rank == 0:
+            raise RuntimeError(f"injected bug at step {ctx.step}")
     if ctx.rank == 0:
         torch.save(model.module.state_dict(), out / "final.pt")

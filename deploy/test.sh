@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # README's second command (and what CI runs): install, then the whole test suite.
+#   - Horovod is built once from its sdist and the wheel cached (deploy/horovod.sh, ~5-7 min the
+#     first time on 2 cores, seconds after that);
+#   - the real helm binary is fetched once (deploy/helm.sh);
+#   - PostgreSQL is installed from Debian when missing (the tests start their own server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install.sh
+bash deploy/horovod.sh .venv
+bash deploy/helm.sh >/dev/null
+bash deploy/postgres.sh install
 exec .venv/bin/python -m pytest -ra "$@"

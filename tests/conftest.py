@@ -118,3 +118,62 @@ def shipyard(cli_env):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# -- databases for the store (SQLite file, and a real PostgreSQL) ------------------------------
+
+def _postgres_installed() -> bool:
+    import glob
+
+    return bool(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request, tmp_path_factory):
+    """A database for the session, once per backend: a SQLite file, and a real PostgreSQL server
+    started by deploy/postgres.sh (or the one at SHIPYARD_TEST_DATABASE_URL). PostgreSQL is
+    skipped only where it is not installed and CI is not set; under CI its absence fails."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'shipyard.db'}"
+        return
+    if os.environ.get("SHIPYARD_TEST_DATABASE_URL"):
+        yield os.environ["SHIPYARD_TEST_DATABASE_URL"]
+        return
+    if not _postgres_installed() and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed (/usr/lib/postgresql/*/bin); deploy/postgres.sh installs it")
+    import tempfile
+
+    # Not under pytest's private temp dir: as root the server runs as the `postgres` user,
+    # which must be able to reach its directory.
+    base = Path(tempfile.mkdtemp(prefix="shipyard-pg-"))
+    base.chmod(0o755)
+    script = REPO / "deploy" / "postgres.sh"
+    try:
+        r = subprocess.run(["bash", str(script), str(base / "pg")], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            pytest.fail(f"deploy/postgres.sh failed (exit {r.returncode}):\n{r.stderr}", pytrace=False)
+        yield r.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(base / "pg")], capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_database_url(database_url, tmp_path):
+    """An empty database of the session's kind for one test (dropped afterwards)."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'shipyard.db'}"
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint URI or checkpoint that cannot be used."""
+
+
+class HorovodNotInstalled(UserError):
+    """``strategy: horovod`` where ``horovod.torch`` does not import (deploy/horovod.sh builds it)."""

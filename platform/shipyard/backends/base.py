@@ -1,0 +1,114 @@
+"""The Backend protocol: what the scheduler's reconcile loop asks of wherever jobs run.
+
+A backend turns one admitted job into one running thing (a Ray job on a Ray head, a RayJob on
+Kubernetes) and answers questions about it. Every method is synchronous and safe to call again:
+the loop polls ``status`` and calls ``cancel`` twice without harm.
+
+How a job reaches the machine that runs it
+------------------------------------------
+Every backend starts the *same* launcher as ``shipyard run`` (:func:`entrypoint_command`). The
+validated spec travels as JSON in one environment variable, :data:`SPEC_ENV`; the command writes
+it to a file and runs ``shipyard run <file>``. JSON is YAML, so ``load_spec`` reads it unchanged,
+and the spec was resolved (absolute paths, URIs) by the server, so nothing is re-resolved against
+the pod's directory. One variable and no extra Kubernetes object (a ConfigMap would need its own
+lifecycle and RBAC) keeps both backends alike: the ``kuberay`` backend sets it on the head pod's
+container (the Ray job driver inherits the raylet's environment), the ``ray`` backend passes it in
+the job's ``runtime_env["env_vars"]``. A spec is a few KiB; Kubernetes objects may be 1.5 MiB.
+The command runs as a Ray job's driver, for which Ray's job supervisor always sets RAY_ADDRESS
+(ray/dashboard/modules/job/job_supervisor.py), so the launcher joins that cluster and never
+starts a private one.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from shipyard.spec import JobSpec
+
+SPEC_ENV = "SHIPYARD_JOB_SPEC"
+"""Environment variable holding the job's spec as JSON, read by :func:`entrypoint_command`."""
+
+Handle = str
+"""A backend's name for one submitted job: opaque, short, and stored as is by the server (for
+the kuberay backend ``namespace/rayjob-name``)."""
+
+
+class State(str, enum.Enum):
+    PENDING = "PENDING"      # accepted; resources or the driver are not up yet
+    RUNNING = "RUNNING"      # the launcher is running
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"      # cancelled (by shipyard or an operator)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (State.SUCCEEDED, State.FAILED, State.STOPPED)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    state: State
+    reason: str = ""    # one CamelCase word a program may branch on: ImagePullBackOff, Unschedulable, NotFound
+    message: str = ""   # one human sentence saying what happened and, where known, what to fix
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the backend can place jobs on, in total and free now. Memory in bytes."""
+
+    cpus: float
+    gpus: float
+    memory: int
+    free_cpus: float
+    free_gpus: float
+    free_memory: int
+
+
+class BackendError(RuntimeError):
+    """The backend's service refused or failed (not the user's spec): keeps its traceback."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def submit(self, job_id: str, spec: JobSpec, tenant: str) -> Handle:
+        """Start the job. Idempotent per ``job_id``: submitting a job that already exists (the
+        server died after submit, before storing the handle) returns the existing handle."""
+
+    def status(self, handle: Handle) -> BackendStatus:
+        """The job's state now. A job the backend no longer knows is FAILED with reason NotFound,
+        unless this backend instance cancelled it (STOPPED)."""
+
+    def cancel(self, handle: Handle) -> None:
+        """Stop the job and release what it holds; a no-op for a job already gone."""
+
+    def logs(self, handle: Handle, tail: int | None = 200) -> str:
+        """The launcher's output (last ``tail`` lines; None: all). Empty before it starts."""
+
+    def capacity(self) -> Capacity:
+        """Total and free resources, for the scheduler's gang fit."""
+
+    def list_jobs(self) -> dict[str, Handle]:
+        """Every job this backend runs for shipyard, ``{job_id: handle}``: on restart the server
+        re-attaches to these instead of submitting again."""
+
+
+def spec_json(spec: JobSpec) -> str:
+    """The value of :data:`SPEC_ENV` for ``spec``."""
+    return spec.model_dump_json(exclude_none=False)
+
+
+def entrypoint_command(job_id: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The shell command that runs a submitted job: ``shipyard run`` on the spec in :data:`SPEC_ENV`.
+
+    POSIX sh (Ray runs job entrypoints through the shell). ``overrides`` are ``--set FIELD=VALUE``
+    pairs applied on top, as on the command line.
+    """
+    path = f"${{TMPDIR:-/tmp}}/shipyard-job-{re.sub(r'[^A-Za-z0-9_.-]', '_', job_id)}.json"
+    sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    return f'printf \'%s\' "${SPEC_ENV}" > "{path}" && exec shipyard run "{path}"{sets}'

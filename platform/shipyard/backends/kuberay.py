@@ -1,0 +1,289 @@
+"""The kuberay backend: one ``ray.io/v1`` RayJob per job, through the official ``kubernetes`` client.
+
+The KubeRay operator (and its CRDs) must be installed in the cluster; it turns each RayJob into a
+RayCluster, waits for it, submits the entrypoint and, with ``shutdownAfterJobFinishes``, tears
+the cluster down. This module only talks to the API server: what the RayJob looks like is
+``kuberay_manifest.build_rayjob`` (a pure function), and how its status reads as a shipyard state
+is :func:`map_status` (pure too).
+
+Calls are synchronous (the official client is); the server's loop runs them in a thread. Every
+call has a timeout, so a hung API server delays a poll but never blocks it forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from kubernetes import client, config as kube_config
+from kubernetes.client.exceptions import ApiException
+
+from shipyard.backends.base import BackendError, BackendStatus, Capacity, Handle, State
+from shipyard.backends.kuberay_manifest import (
+    GROUP, JOB_ID, MANAGED_BY, PLURAL, RAYJOB, VERSION, KubeRayConfig, Resources, build_rayjob,
+    node_allocatable, rayjob_name, rayjob_requests,
+)
+from shipyard.spec import JobSpec
+
+TIMEOUT_S = 30
+SELECTOR = f"{MANAGED_BY}=shipyard,{JOB_ID}"
+PENDING_DEPLOYMENT = ("", "New", "Initializing", "Waiting")
+DONE_DEPLOYMENT = ("Complete", "Failed", "ValidationFailed", "Suspended")
+# Container states that keep a pod from ever running without someone fixing something.
+STUCK_CONTAINER = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                   "CreateContainerError", "CrashLoopBackOff", "RunContainerError")
+
+
+def map_status(obj: dict[str, Any]) -> BackendStatus:
+    """A RayJob's ``status`` (jobDeploymentStatus: the operator's view of the cluster and
+    submission; jobStatus: Ray's view of the driver) as one shipyard state."""
+    st = obj.get("status") or {}
+    dep, job = st.get("jobDeploymentStatus") or "", st.get("jobStatus") or ""
+    reason, message = st.get("reason") or "", st.get("message") or ""
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return BackendStatus(State.STOPPED, "Deleted", "the RayJob is being deleted")
+    if job == "SUCCEEDED" or (dep == "Complete" and job in ("", "SUCCEEDED")):
+        return BackendStatus(State.SUCCEEDED, reason, message)
+    if job == "FAILED" or dep in ("Failed", "ValidationFailed") or (dep == "Complete" and job != "STOPPED"):
+        return BackendStatus(State.FAILED, reason or dep or "AppFailed", message or "the job failed")
+    if job == "STOPPED":
+        return BackendStatus(State.STOPPED, reason or "Stopped", message or "the Ray job was stopped")
+    if dep in ("Suspended", "Suspending") or (obj.get("spec") or {}).get("suspend"):
+        return BackendStatus(State.STOPPED, "Suspended", message or "the RayJob is suspended")
+    if job == "RUNNING":
+        return BackendStatus(State.RUNNING, reason, message)
+    what = {"Running": "the Ray cluster is up; the driver is starting",
+            "Retrying": "the operator is retrying the submission"}.get(dep, "the Ray cluster is starting")
+    return BackendStatus(State.PENDING, dep or "New", message or what)
+
+
+def diagnose(pods: list[dict], events: list[dict]) -> tuple[str, str]:
+    """Why pods do not run: a stuck container, an unschedulable pod, else the latest warning event.
+    Returns (reason, message); ("", "") when nothing says."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_CONTAINER:
+                return waiting["reason"], (f"pod {pod['metadata']['name']}: container {cs.get('name')}: "
+                                           f"{waiting['reason']}: {waiting.get('message') or ''}").rstrip(": ")
+    for pod in pods:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return cond.get("reason") or "Unschedulable", f"pod {pod['metadata']['name']}: {cond.get('message') or 'cannot be scheduled'}"
+    warnings = [e for e in events if e.get("type") == "Warning"]
+    if warnings:
+        e = max(warnings, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+        reason = "Unschedulable" if e.get("reason") == "FailedScheduling" else e.get("reason") or "Warning"
+        obj = e.get("involvedObject") or {}
+        return reason, f"{obj.get('kind', 'object')} {obj.get('name', '?')}: {e.get('message') or e.get('reason')}"
+    return "", ""
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
+    """In a pod: the ServiceAccount's token; elsewhere: ``kubeconfig`` (default ~/.kube/config)."""
+    if kubeconfig is None:
+        try:
+            cfg = client.Configuration()
+            kube_config.load_incluster_config(client_configuration=cfg)
+            return client.ApiClient(cfg)
+        except kube_config.ConfigException:
+            pass
+    return kube_config.new_client_from_config(config_file=kubeconfig, context=context)
+
+
+def _timestamp(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+class KubeRayBackend:
+    """:class:`~shipyard.backends.base.Backend` on Kubernetes. Handles are ``namespace/name``."""
+
+    name = "kuberay"
+
+    def __init__(self, config: KubeRayConfig, api_client: client.ApiClient | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        api = api_client or load_api_client()
+        self._api = api
+        self._custom = client.CustomObjectsApi(api)
+        self._core = client.CoreV1Api(api)
+        self._clock = clock
+        # Outcomes this instance decided and then deleted the RayJob for (cancel, init timeout).
+        self._final: dict[Handle, BackendStatus] = {}
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> "KubeRayBackend":
+        """From the server config file (the chart's ConfigMap): its ``kuberay:`` mapping."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        return cls(KubeRayConfig.from_dict(raw.get("kuberay", raw)), **kwargs)
+
+    # -- Backend -------------------------------------------------------------------------------
+
+    def submit(self, job_id: str, spec: JobSpec, tenant: str) -> Handle:
+        body = build_rayjob(job_id, spec, tenant, self.config)
+        ns, name = self.config.namespace, body["metadata"]["name"]
+        try:
+            self._custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body, _request_timeout=TIMEOUT_S)
+        except ApiException as e:
+            if e.status != 409:
+                raise self._error(f"create RayJob {ns}/{name}", e) from e
+            existing = self._get(ns, name)
+            owner = ((existing or {}).get("metadata", {}).get("annotations") or {}).get(JOB_ID)
+            if owner != job_id:
+                raise BackendError(f"RayJob {ns}/{name} already exists for job {owner!r}, not {job_id!r}") from e
+        return f"{ns}/{name}"
+
+    def status(self, handle: Handle) -> BackendStatus:
+        ns, name = self._split(handle)
+        obj = self._get(ns, name)
+        if obj is None:
+            return self._final.get(handle) or BackendStatus(
+                State.FAILED, "NotFound", f"RayJob {handle} no longer exists (deleted by someone else, "
+                f"or removed ttlSecondsAfterFinished={self.config.ttl_seconds_after_finished}s after it finished)")
+        status = map_status(obj)
+        dep = (obj.get("status") or {}).get("jobDeploymentStatus") or ""
+        if status.state is State.PENDING and dep in PENDING_DEPLOYMENT and self._age(obj) > self.config.init_timeout_s:
+            reason, why = self._diagnose(ns, name, obj)
+            status = BackendStatus(State.FAILED, reason or "InitializingTimeout",
+                                   f"the Ray cluster did not start within {self.config.init_timeout_s}s"
+                                   f"{f': {why}' if why else ''}")
+            self._final[handle] = status
+            self._delete(ns, name)  # release what the half-started cluster holds
+        elif status.state is State.FAILED and "Deadline" in status.reason:
+            reason, why = self._diagnose(ns, name, obj)
+            if why:
+                status = BackendStatus(State.FAILED, status.reason, f"{status.message}: {why}")
+        return status
+
+    def cancel(self, handle: Handle) -> None:
+        ns, name = self._split(handle)
+        if self.config.cancel == "suspend":
+            try:
+                self._custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"suspend": True}},
+                                                            _request_timeout=TIMEOUT_S)
+            except ApiException as e:
+                if e.status != 404:
+                    raise self._error(f"suspend RayJob {handle}", e) from e
+        else:
+            self._delete(ns, name)
+        self._final[handle] = BackendStatus(State.STOPPED, "Cancelled", "cancelled by shipyard")
+
+    def logs(self, handle: Handle, tail: int | None = 200) -> str:
+        """The submitter pod's output: KubeRay's submitter (a Kubernetes Job named like the
+        RayJob) follows the Ray job's logs, i.e. the launcher's output."""
+        ns, name = self._split(handle)
+        pods = [p for p in self._pods(ns, f"job-name={name}") if (p["metadata"].get("labels") or {}).get("job-name") == name]
+        if not pods:
+            return ""
+        pod = max(pods, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""))
+        kwargs = {"tail_lines": tail} if tail is not None else {}
+        try:
+            return self._core.read_namespaced_pod_log(pod["metadata"]["name"], ns, _request_timeout=TIMEOUT_S, **kwargs)
+        except ApiException as e:
+            if e.status in (400, 404):  # container not started yet, or pod just gone
+                return ""
+            raise self._error(f"read logs of pod {ns}/{pod['metadata']['name']}", e) from e
+
+    def capacity(self) -> Capacity:
+        """Nodes' allocatable resources (cordoned and not-Ready nodes excluded) minus what
+        shipyard's unfinished RayJobs ask for (pending pods included: they are promised)."""
+        try:
+            nodes = self._core.list_node(_request_timeout=TIMEOUT_S).items
+        except ApiException as e:
+            raise self._error("list nodes (the chart's clusterRole.create gives this permission)", e) from e
+        total = Resources()
+        for node in nodes:
+            total += node_allocatable(self._api.sanitize_for_serialization(node))
+        held = Resources()
+        for obj in self._list_rayjobs():
+            if map_status(obj).state in (State.PENDING, State.RUNNING):
+                held += rayjob_requests(obj)
+        return Capacity(cpus=total.cpus, gpus=total.gpus, memory=total.memory,
+                        free_cpus=max(0.0, total.cpus - held.cpus), free_gpus=max(0.0, total.gpus - held.gpus),
+                        free_memory=max(0, total.memory - held.memory))
+
+    def list_jobs(self) -> dict[str, Handle]:
+        jobs = {}
+        for obj in self._list_rayjobs():
+            meta = obj["metadata"]
+            job_id = (meta.get("annotations") or {}).get(JOB_ID) or meta["labels"][JOB_ID]
+            jobs[job_id] = f"{meta.get('namespace') or self.config.namespace}/{meta['name']}"
+        return jobs
+
+    # -- API calls -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _split(handle: Handle) -> tuple[str, str]:
+        ns, sep, name = handle.partition("/")
+        if not sep or not ns or not name:
+            raise ValueError(f"not a kuberay handle (namespace/name): {handle!r}")
+        return ns, name
+
+    def _age(self, obj: dict[str, Any]) -> float:
+        meta, st = obj.get("metadata") or {}, obj.get("status") or {}
+        since = _timestamp(meta.get("creationTimestamp")) or _timestamp(st.get("startTime"))
+        return 0.0 if since is None else self._clock() - since
+
+    def _get(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, _request_timeout=TIMEOUT_S)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise self._error(f"get RayJob {ns}/{name}", e) from e
+
+    def _delete(self, ns: str, name: str) -> None:
+        try:
+            self._custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, propagation_policy="Background",
+                                                         _request_timeout=TIMEOUT_S)
+        except ApiException as e:
+            if e.status != 404:
+                raise self._error(f"delete RayJob {ns}/{name}", e) from e
+
+    def _list_rayjobs(self) -> list[dict[str, Any]]:
+        ns = self.config.namespace
+        try:
+            items = self._custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, label_selector=SELECTOR,
+                                                               _request_timeout=TIMEOUT_S).get("items", [])
+        except ApiException as e:
+            raise self._error(f"list RayJobs in {ns}", e) from e
+        # The API server applies the selector; checking again costs nothing and keeps foreign
+        # RayJobs out even behind a proxy or cache that ignores it.
+        return [o for o in items if (o.get("metadata", {}).get("labels") or {}).get(MANAGED_BY) == "shipyard"
+                and JOB_ID in o["metadata"]["labels"]]
+
+    def _pods(self, ns: str, selector: str) -> list[dict[str, Any]]:
+        try:
+            pods = self._core.list_namespaced_pod(ns, label_selector=selector, _request_timeout=TIMEOUT_S).items
+        except ApiException as e:
+            raise self._error(f"list pods in {ns}", e) from e
+        return [self._api.sanitize_for_serialization(p) for p in pods]
+
+    def _diagnose(self, ns: str, name: str, obj: dict[str, Any]) -> tuple[str, str]:
+        pods = [p for p in self._pods(ns, f"{RAYJOB}={name}") if (p["metadata"].get("labels") or {}).get(RAYJOB) == name]
+        involved = {name, (obj.get("status") or {}).get("rayClusterName") or "", *(p["metadata"]["name"] for p in pods)}
+        try:
+            events = self._core.list_namespaced_event(ns, field_selector="type=Warning", _request_timeout=TIMEOUT_S).items
+        except ApiException:
+            events = []  # a diagnosis is best effort; the pods usually suffice
+        events = [e for e in (self._api.sanitize_for_serialization(e) for e in events)
+                  if (e.get("involvedObject") or {}).get("name") in involved]
+        return diagnose(pods, events)
+
+    def _error(self, what: str, e: ApiException) -> BackendError:
+        if e.status == 403:
+            hint = f"the server's ServiceAccount may not do this in namespace {self.config.namespace}: check the chart's Role"
+        elif e.status == 404:
+            hint = "the ray.io/v1 RayJob API is not served here: install the KubeRay operator and its CRDs"
+        else:
+            hint = (e.body or e.reason or "").strip()[:500]
+        return BackendError(f"cannot {what}: HTTP {e.status}: {hint}")
+
+
+__all__ = ["KubeRayBackend", "KubeRayConfig", "diagnose", "load_api_client", "map_status", "rayjob_name"]

@@ -1,0 +1,247 @@
+"""The RayJob a job becomes on Kubernetes: a pure function of (job id, spec, tenant, config).
+
+Kept apart from the API calls (``kuberay.py``) so the object can be checked against KubeRay's
+CRD schema without a cluster. Shape of the RayJob:
+
+- head group: runs the driver (``shipyard run``, see ``base.entrypoint_command``) and nothing
+  else (``num-cpus: 0``), so every training rank lands on a worker pod;
+- one worker group, ``replicas = workers.count``: one pod per rank, requests = limits =
+  ``workers.cpus`` CPU, the worker memory and ``ceil(workers.gpus)`` ``nvidia.com/gpu``
+  (a device plugin hands out whole GPUs; a fractional ``workers.gpus`` still gets one per pod);
+- GPU workers go to a node pool (nodeSelector, tolerations, affinity) from the server config;
+- S3 credentials come from a Secret through ``envFrom`` on every container.
+
+Spec fields this backend would use but the JobSpec does not have yet are read with ``getattr``
+and fall back to the config: ``image``, ``workers.memory``, ``workers.pool``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+from typing import Any, Literal
+
+from shipyard.backends.base import SPEC_ENV, entrypoint_command, spec_json
+from shipyard.errors import SpecError
+from shipyard.spec import JobSpec, is_remote_uri
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+GPU = "nvidia.com/gpu"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+JOB_ID = "shipyard.io/job-id"
+TENANT = "shipyard.io/tenant"
+RAYJOB = "shipyard.io/rayjob"
+MAX_NAME = 47  # KubeRay: RayJob names longer than this fail validation (cluster name = name + 6)
+
+
+@dataclass(frozen=True)
+class NodePool:
+    """Where one kind of pod may run: copied into the pod template as given."""
+
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class KubeRayConfig:
+    """The server's settings for the kuberay backend (the Helm chart's ConfigMap, ``kuberay:``)."""
+
+    image: str                                   # worker image: Ray + torch + shipyard
+    namespace: str = "default"
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account: str | None = None           # for the Ray pods; None: the namespace default
+    ray_version: str = "2.60.0"
+    head_cpus: str = "1"
+    head_memory: str = "4Gi"
+    worker_memory: str = "8Gi"                   # per worker pod, until the spec has workers.memory
+    shm_size: str | None = "2Gi"                 # /dev/shm for NCCL and data loaders; None: none
+    pools: dict[str, NodePool] = field(default_factory=dict)
+    gpu_pool: str | None = None                  # pool for GPU workers when the spec names none
+    cpu_pool: str | None = None                  # pool for the head and CPU workers
+    s3_secret: str | None = None                 # Secret with AWS_* keys, mounted with envFrom
+    env: dict[str, str] = field(default_factory=dict)   # e.g. SHIPYARD_S3_ENDPOINT
+    shutdown_after_job_finishes: bool = True
+    ttl_seconds_after_finished: int = 3600
+    active_deadline_seconds: int | None = None
+    init_timeout_s: int = 600                    # Initializing longer than this: FAILED with the reason
+    cancel: Literal["delete", "suspend"] = "delete"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "KubeRayConfig":
+        """Build from the ConfigMap's YAML (snake_case keys); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"kuberay config: unknown keys {unknown}; allowed: {sorted(known)}")
+        raw = dict(raw)
+        raw["pools"] = {k: NodePool(**v) for k, v in (raw.get("pools") or {}).items()}
+        raw["image_pull_secrets"] = tuple(raw.get("image_pull_secrets") or ())
+        return cls(**raw)
+
+    def __post_init__(self) -> None:
+        for key in ("gpu_pool", "cpu_pool"):
+            pool = getattr(self, key)
+            if pool and pool not in self.pools:
+                raise ValueError(f"kuberay config: {key} {pool!r} is not in pools {sorted(self.pools)}")
+
+
+def rayjob_name(job_id: str) -> str:
+    """A DNS-1035 name of at most 47 characters, stable for a job id (so submit is idempotent)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")
+    name = f"sy-{slug}"
+    if slug != job_id or len(name) > MAX_NAME:
+        digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+        name = f"{name[:MAX_NAME - 9].rstrip('-')}-{digest}"
+    return name
+
+
+def label_value(value: str) -> str:
+    """A valid label value (63 chars, alphanumeric ends); the exact value is kept in an annotation."""
+    v = re.sub(r"^[^A-Za-z0-9]+", "", re.sub(r"[^A-Za-z0-9_.-]+", "-", value))[:63]
+    return re.sub(r"[^A-Za-z0-9]+$", "", v)
+
+
+def check_spec(spec: JobSpec) -> None:
+    """Pods cannot read the submitter's local paths: data and checkpoints must be object storage."""
+    uris = {"dataset.uri": spec.dataset.uri, "dataset.eval_uri": spec.dataset.eval_uri,
+            "checkpoint.uri": spec.checkpoint.uri if spec.checkpoint else None}
+    for name, uri in uris.items():
+        if uri is not None and not is_remote_uri(uri):
+            raise SpecError(f"{name}: got {uri!r}; jobs on Kubernetes read and write object storage, "
+                            f"use an s3:// URI")
+
+
+def _pool(config: KubeRayConfig, name: str | None) -> NodePool:
+    if name is None:
+        return NodePool()
+    if name not in config.pools:
+        raise SpecError(f"workers.pool: got {name!r}; this server's pools are: {', '.join(sorted(config.pools)) or 'none'}")
+    return config.pools[name]
+
+
+def _cpu(value: float) -> str:
+    return f"{round(value * 1000)}m" if value != int(value) else str(int(value))
+
+
+def _pod(config: KubeRayConfig, *, name: str, image: str, resources: dict, pool: NodePool,
+         labels: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name, "image": image, "imagePullPolicy": config.image_pull_policy,
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+    }
+    if config.s3_secret:
+        container["envFrom"] = [{"secretRef": {"name": config.s3_secret}}]
+    spec: dict[str, Any] = {"containers": [container]}
+    if config.shm_size:
+        container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+        spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}}]
+    if config.service_account:
+        spec["serviceAccountName"] = config.service_account
+    if config.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
+    if pool.node_selector:
+        spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        spec["tolerations"] = [dict(t) for t in pool.tolerations]
+    if pool.affinity:
+        spec["affinity"] = pool.affinity
+    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+
+
+def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig) -> dict[str, Any]:
+    """The RayJob object for one admitted job (a plain dict, ready for the API)."""
+    check_spec(spec)
+    name = rayjob_name(job_id)
+    w = spec.workers
+    image = getattr(spec, "image", None) or config.image
+    memory = getattr(w, "memory", None) or config.worker_memory
+    gpus = math.ceil(w.gpus)
+    pool = _pool(config, getattr(w, "pool", None) or (config.gpu_pool if gpus else config.cpu_pool))
+    labels = {MANAGED_BY: "shipyard", JOB_ID: label_value(job_id), TENANT: label_value(tenant)}
+    pod_labels = {**labels, RAYJOB: name}
+    worker_resources = {"cpu": _cpu(w.cpus), "memory": memory, **({GPU: str(gpus)} if gpus else {})}
+    head = _pod(config, name="ray-head", image=image, pool=_pool(config, config.cpu_pool), labels=pod_labels,
+                resources={"cpu": config.head_cpus, "memory": config.head_memory},
+                env={**config.env, SPEC_ENV: spec_json(spec)})
+    worker = _pod(config, name="ray-worker", image=image, pool=pool, labels=pod_labels,
+                  resources=worker_resources, env=dict(config.env))
+    worker_params = {"num-cpus": str(math.ceil(w.cpus)), **({"num-gpus": str(gpus)} if gpus else {})}
+    job_spec: dict[str, Any] = {
+        "entrypoint": entrypoint_command(job_id),
+        "submissionMode": "K8sJobMode",
+        "backoffLimit": 0,  # retries belong to Ray Train (max_failures), which resumes from checkpoints
+        "shutdownAfterJobFinishes": config.shutdown_after_job_finishes,
+        "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
+        # The operator's own backstop for a cluster that never comes up (e.g. the server is down);
+        # the server reports the reason earlier, at init_timeout_s.
+        "preRunningDeadlineSeconds": config.init_timeout_s + 300,
+        "rayClusterSpec": {
+            "rayVersion": config.ray_version,
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"}, "template": head},
+            "workerGroupSpecs": [{
+                "groupName": "workers", "replicas": w.count, "minReplicas": w.count, "maxReplicas": w.count,
+                "rayStartParams": worker_params, "template": worker,
+            }],
+        },
+    }
+    if config.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = config.active_deadline_seconds
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
+        "metadata": {"name": name, "namespace": config.namespace, "labels": labels,
+                     "annotations": {JOB_ID: job_id, TENANT: tenant}},
+        "spec": job_spec,
+    }
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 0.0
+    gpus: float = 0.0
+    memory: int = 0
+
+    def __add__(self, o: "Resources") -> "Resources":
+        return Resources(self.cpus + o.cpus, self.gpus + o.gpus, self.memory + o.memory)
+
+
+def quantity(value: Any) -> Decimal:
+    from kubernetes.utils import parse_quantity
+
+    return parse_quantity(value) if value not in (None, "") else Decimal(0)
+
+
+def container_requests(containers: list[dict]) -> Resources:
+    total = Resources()
+    for c in containers:
+        req = {**(c.get("resources") or {}).get("limits", {}), **(c.get("resources") or {}).get("requests", {})}
+        total += Resources(float(quantity(req.get("cpu"))), float(quantity(req.get(GPU))), int(quantity(req.get("memory"))))
+    return total
+
+
+def rayjob_requests(obj: dict[str, Any]) -> Resources:
+    """What a RayJob's cluster asks of the nodes: the head pod plus every worker pod."""
+    rcs = (obj.get("spec") or {}).get("rayClusterSpec") or {}
+    total = container_requests(rcs.get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("containers", []))
+    for group in rcs.get("workerGroupSpecs") or []:
+        pods = (group.get("replicas") or 0) * (group.get("numOfHosts") or 1)
+        one = container_requests(group.get("template", {}).get("spec", {}).get("containers", []))
+        total += Resources(one.cpus * pods, one.gpus * pods, one.memory * pods)
+    return total
+
+
+def node_allocatable(node: dict[str, Any]) -> Resources:
+    """A node's allocatable resources; zero for cordoned or not-Ready nodes."""
+    if (node.get("spec") or {}).get("unschedulable"):
+        return Resources()
+    status = node.get("status") or {}
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    if ready and ready[0].get("status") != "True":
+        return Resources()
+    alloc = status.get("allocatable") or {}
+    return Resources(float(quantity(alloc.get("cpu"))), float(quantity(alloc.get(GPU))), int(quantity(alloc.get("memory"))))

@@ -1,0 +1,56 @@
+"""Per-tenant quotas: GPUs, CPUs and jobs holding resources at once.
+
+Usage counts every job that holds resources (ADMITTED, RUNNING, RESTARTING and PREEMPTED while
+it drains), since those are the workers the tenant occupies. A quota caps admissions; it never
+stops running jobs, and a quota-blocked job neither reserves capacity nor preempts anyone:
+waiting for capacity would not help it, only the tenant's own jobs ending would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from shipyard.scheduler.snapshot import EPS, JobRequest, Quota, RunningJob
+
+
+def fmt(x: float) -> str:
+    return str(int(x)) if abs(x - round(x)) < EPS else f"{x:.2f}".rstrip("0")
+
+
+@dataclass
+class Usage:
+    gpus: float = 0.0
+    cpus: float = 0.0
+    jobs: int = 0
+
+    def add(self, job: JobRequest) -> None:
+        d = job.demand
+        self.gpus += d.gpus
+        self.cpus += d.cpus
+        self.jobs += 1
+
+
+def usage_by_tenant(running: Iterable[RunningJob]) -> dict[str, Usage]:
+    out: dict[str, Usage] = {}
+    for r in running:
+        out.setdefault(r.job.tenant, Usage()).add(r.job)
+    return out
+
+
+def blocked(job: JobRequest, usage: Usage | None, quota: Quota | None) -> str | None:
+    """Why the tenant's quota keeps ``job`` waiting, or ``None`` if it does not."""
+    if quota is None:
+        return None
+    u, d, t = usage or Usage(), job.demand, job.tenant
+    for label, need, used, limit in (("GPUs", d.gpus, u.gpus, quota.max_gpus),
+                                     ("CPUs", d.cpus, u.cpus, quota.max_cpus)):
+        if limit is None or need <= EPS:
+            continue
+        if need > limit + EPS:
+            return f"quota: job needs {fmt(need)} {label}, more than tenant {t}'s limit of {fmt(limit)}"
+        if used + need > limit + EPS:
+            return f"quota: tenant {t} uses {fmt(used)}/{fmt(limit)} {label}, job needs {fmt(need)}"
+    if quota.max_running_jobs is not None and u.jobs + 1 > quota.max_running_jobs:
+        return f"quota: tenant {t} runs {u.jobs}/{quota.max_running_jobs} jobs"
+    return None

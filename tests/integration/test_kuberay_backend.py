@@ -1,0 +1,237 @@
+"""The kuberay backend against a fake Kubernetes API over HTTP (kmock), with a small simulated
+KubeRay controller: the tests move a RayJob's status the way the operator does.
+
+No real kube-apiserver runs here. kmock stores objects and answers the official client's
+requests; it does not apply label or field selectors (the backend checks labels itself, and the
+tests check that the selectors are sent). The backend is synchronous (as the official client is),
+so it runs in a thread while kmock's server runs on the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import pytest
+from kubernetes import client
+
+from shipyard.backends.base import State
+from shipyard.backends.kuberay import KubeRayBackend
+from shipyard.backends.kuberay_manifest import KubeRayConfig, NodePool, build_rayjob, rayjob_name
+from shipyard.spec import spec_from_dict
+
+pytest.importorskip("kmock")
+pytestmark = pytest.mark.asyncio
+
+NS = "training"
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+CONFIG = KubeRayConfig(image="registry.example.com/shipyard/worker:0.1.0", namespace=NS, s3_secret="shipyard-s3",
+                       pools={"a100": NodePool({"pool": "a100"}, [{"key": "nvidia.com/gpu", "operator": "Exists"}])},
+                       gpu_pool="a100", init_timeout_s=600)
+
+
+def spec(count: int = 2, gpus: float = 1.0):
+    return spec_from_dict({"name": "digits", "entrypoint": "train:train", "workdir": "/opt/jobs/digits",
+                           "workers": {"count": count, "cpus": 2, "gpus": gpus},
+                           "dataset": {"uri": "s3://data/digits"}, "checkpoint": {"uri": "s3://ckpt/digits"}})
+
+
+@pytest.fixture
+def k8s(kmock):
+    for res, kind, namespaced in [("ray.io/v1/rayjobs", "RayJob", True), ("v1/pods", "Pod", True),
+                                  ("v1/events", "Event", True), ("v1/nodes", "Node", False)]:
+        kmock.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
+    # The official client only reads the body of a create answered with 201, as the API server does.
+    kmock["post", kmock.resource("ray.io/v1/rayjobs")] << 201 << (lambda req: req.data)
+    return kmock
+
+
+def backend(k8s, clock=lambda: T0.timestamp(), **changes) -> KubeRayBackend:
+    api = client.ApiClient(client.Configuration(host=str(k8s.url).rstrip("/")))
+    config = KubeRayConfig(**{**CONFIG.__dict__, **changes})
+    return KubeRayBackend(config, api_client=api, clock=clock)
+
+
+def call(fn, *args, **kwargs):
+    return asyncio.to_thread(fn, *args, **kwargs)
+
+
+class FakeKubeRay:
+    """What the operator would do to a RayJob, pod and event objects, done by hand."""
+
+    def __init__(self, k8s):
+        self.k8s = k8s
+
+    def key(self, plural: str, name: str, ns: str | None = NS):
+        return self.k8s.resource(f"ray.io/v1/{plural}" if plural == "rayjobs" else f"v1/{plural}"), ns, name
+
+    def rayjob(self, name: str):
+        return self.k8s.objects[self.key("rayjobs", name)]
+
+    def advance(self, name: str, deployment: str, job: str = "", **extra) -> None:
+        status = {"jobDeploymentStatus": deployment, "rayClusterName": f"{name}-abcde", **extra}
+        if job:
+            status["jobStatus"] = job
+        self.rayjob(name).patch({"metadata": {"creationTimestamp": T0.isoformat().replace("+00:00", "Z")},
+                                 "status": status})
+
+    def pod(self, name: str, labels: dict, status: dict) -> None:
+        self.k8s.objects[self.key("pods", name)] = {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {"containers": [{"name": "ray", "image": "x"}]}, "status": status}
+
+    def event(self, name: str, involved: tuple[str, str], reason: str, message: str) -> None:
+        self.k8s.objects[self.key("events", name)] = {
+            "apiVersion": "v1", "kind": "Event", "metadata": {"name": name, "namespace": NS}, "type": "Warning",
+            "involvedObject": {"kind": involved[0], "name": involved[1], "namespace": NS},
+            "reason": reason, "message": message, "lastTimestamp": T0.isoformat()}
+
+    def node(self, name: str, cpu: str, memory: str, gpus: str | None = None, ready: bool = True,
+             cordoned: bool = False) -> None:
+        alloc = {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": gpus} if gpus else {})}
+        self.k8s.objects[self.key("nodes", name, None)] = {
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {"unschedulable": cordoned},
+            "status": {"allocatable": alloc, "conditions": [{"type": "Ready", "status": str(ready)}]}}
+
+
+async def test_submit_creates_the_rayjob_and_follows_it_to_success(k8s):
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    handle = await call(be.submit, "job-1", spec(), "team-a")
+    name = rayjob_name("job-1")
+    assert handle == f"{NS}/{name}"
+    create, = k8s["post", k8s.resource("ray.io/v1/rayjobs")]
+    assert create.url.path == f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"
+    assert create.data == build_rayjob("job-1", spec(), "team-a", CONFIG)
+
+    assert (await call(be.status, handle)).state is State.PENDING  # no status yet: the operator has not seen it
+    op.advance(name, "Initializing")
+    assert (await call(be.status, handle)).state is State.PENDING
+    op.advance(name, "Running", "PENDING")
+    assert (await call(be.status, handle)).state is State.PENDING
+    op.advance(name, "Running", "RUNNING")
+    assert (await call(be.status, handle)).state is State.RUNNING
+    op.advance(name, "Complete", "SUCCEEDED")
+    assert (await call(be.status, handle)).state is State.SUCCEEDED
+
+    # Submitting again (the server died before storing the handle) finds the same RayJob.
+    assert await call(be.submit, "job-1", spec(), "team-a") == handle
+
+
+async def test_a_failed_job_surfaces_the_operator_reason(k8s):
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    handle = await call(be.submit, "job-2", spec(), "team-a")
+    op.advance(rayjob_name("job-2"), "Failed", "FAILED", reason="AppFailed",
+               message="Job entrypoint command failed with exit code 1")
+    st = await call(be.status, handle)
+    assert (st.state, st.reason, st.message) == (State.FAILED, "AppFailed", "Job entrypoint command failed with exit code 1")
+
+
+async def test_stuck_initializing_times_out_with_the_pod_reason_and_releases_the_cluster(k8s):
+    now = [T0.timestamp() + 60]
+    be, op = backend(k8s, clock=lambda: now[0]), FakeKubeRay(k8s)
+    handle = await call(be.submit, "job-3", spec(), "team-a")
+    name = rayjob_name("job-3")
+    op.advance(name, "Initializing")
+    labels = {"shipyard.io/rayjob": name}
+    op.pod("a-pod-of-someone-else", {}, {"phase": "Pending", "containerStatuses": [{"name": "c", "ready": False,
+           "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {"reason": "ErrImagePull"}}}]})
+    op.pod(f"{name}-head", labels, {"phase": "Pending", "containerStatuses": [{"name": "ray-head", "ready": False,
+           "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {"reason": "ImagePullBackOff",
+           "message": 'Back-off pulling image "registry.example.com/shipyard/worker:0.1.0"'}}}]})
+    op.pod(f"{name}-worker-0", labels, {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+           "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]})
+
+    st = await call(be.status, handle)
+    assert st.state is State.PENDING  # within init_timeout_s: still waiting
+
+    now[0] = T0.timestamp() + 601
+    st = await call(be.status, handle)
+    assert (st.state, st.reason) == (State.FAILED, "ImagePullBackOff")
+    assert "did not start within 600s" in st.message and f"pod {name}-head" in st.message
+    assert "registry.example.com/shipyard/worker:0.1.0" in st.message
+    pods_list, = k8s["get", k8s.resource("v1/pods")]
+    assert pods_list.params["labelSelector"] == f"shipyard.io/rayjob={name}"
+    assert len(k8s["delete", k8s.resource("ray.io/v1/rayjobs")]) == 1  # the half-started cluster is released
+    assert (await call(be.status, handle)).reason == "ImagePullBackOff"  # remembered after the delete
+
+
+async def test_stuck_initializing_unschedulable_from_events_only(k8s):
+    be, op = backend(k8s, clock=lambda: T0.timestamp() + 3600), FakeKubeRay(k8s)
+    handle = await call(be.submit, "job-4", spec(), "team-a")
+    name = rayjob_name("job-4")
+    op.advance(name, "Initializing")
+    op.event("e1", ("RayCluster", f"{name}-abcde"), "FailedToCreateWorkerPod",
+             'pods "w" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1')
+    op.event("e2", ("Pod", "unrelated"), "FailedScheduling", "not ours")
+    st = await call(be.status, handle)
+    assert (st.state, st.reason) == (State.FAILED, "FailedToCreateWorkerPod")
+    assert "exceeded quota" in st.message and "not ours" not in st.message
+
+
+async def test_cancel_deletes_or_suspends(k8s):
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    handle = await call(be.submit, "job-5", spec(), "team-a")
+    op.advance(rayjob_name("job-5"), "Running", "RUNNING")
+    await call(be.cancel, handle)
+    assert len(k8s["delete", k8s.resource("ray.io/v1/rayjobs")]) == 1
+    assert (await call(be.status, handle)).state is State.STOPPED
+    await call(be.cancel, handle)  # again: a no-op
+
+    be = backend(k8s, cancel="suspend")
+    handle = await call(be.submit, "job-6", spec(), "team-a")
+    await call(be.cancel, handle)
+    assert op.rayjob(rayjob_name("job-6"))["spec"]["suspend"] is True
+    op.advance(rayjob_name("job-6"), "Suspended")
+    fresh = backend(k8s)  # a restarted server, without this instance's memory
+    assert (await call(fresh.status, handle)).state is State.STOPPED
+
+
+async def test_capacity_is_ready_nodes_minus_unfinished_shipyard_jobs(k8s):
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    op.node("gpu-1", "32", "128Gi", gpus="4")
+    op.node("gpu-2", "32", "128Gi", gpus="4", cordoned=True)
+    op.node("gpu-3", "32", "128Gi", gpus="4", ready=False)
+    op.node("cpu-1", "15500m", "64Gi")
+    running = await call(be.submit, "job-7", spec(count=2, gpus=1), "team-a")
+    op.advance(rayjob_name("job-7"), "Running", "RUNNING")
+    await call(be.submit, "job-8", spec(count=1, gpus=1), "team-a")  # pending: its pods are promised
+    await call(be.submit, "job-9", spec(count=4, gpus=1), "team-a")
+    op.advance(rayjob_name("job-9"), "Complete", "SUCCEEDED")  # finished: holds nothing
+    foreign = build_rayjob("x", spec(count=4), "t", CONFIG)
+    foreign["metadata"].update(name="not-shipyard", labels={})
+    k8s.objects[op.key("rayjobs", "not-shipyard")] = foreign
+
+    cap = await call(be.capacity)
+    gib = 1024 ** 3
+    assert (cap.cpus, cap.gpus, cap.memory) == (47.5, 4, 192 * gib)
+    # job-7: head 1 CPU/4Gi + 2 x (2 CPU, 8Gi, 1 GPU); job-8: head + 1 worker
+    assert (cap.free_cpus, cap.free_gpus, cap.free_memory) == (47.5 - 5 - 3, 4 - 3, (192 - 20 - 12) * gib)
+    assert running
+
+
+async def test_restart_reattaches_by_label(k8s):
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    handles = {j: await call(be.submit, j, spec(), "team-a") for j in ("job-a", "Job_B")}
+    foreign = build_rayjob("x", spec(), "t", CONFIG)
+    foreign["metadata"].update(name="not-shipyard", labels={})
+    k8s.objects[op.key("rayjobs", "not-shipyard")] = foreign
+    op.advance(rayjob_name("job-a"), "Running", "RUNNING")
+
+    restarted = backend(k8s)
+    assert await call(restarted.list_jobs) == handles  # exact job ids, from the annotation
+    listed = k8s["get", k8s.resource("ray.io/v1/rayjobs"), {"labelSelector": ...}]
+    assert listed[-1].params["labelSelector"] == "app.kubernetes.io/managed-by=shipyard,shipyard.io/job-id"
+    assert (await call(restarted.status, handles["job-a"])).state is State.RUNNING
+
+
+async def test_logs_come_from_the_submitter_pod(k8s):
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    handle = await call(be.submit, "job-10", spec(), "team-a")
+    name = rayjob_name("job-10")
+    assert await call(be.logs, handle) == ""  # nothing submitted yet
+    op.pod(f"{name}-xyz12", {"job-name": name}, {"phase": "Running"})
+    k8s["get", k8s.resource("v1/pods"), k8s.subresource("log")] << "step 10 loss 0.5\nstep 20 loss 0.4\n"
+    assert await call(be.logs, handle, 50) == "step 10 loss 0.5\nstep 20 loss 0.4\n"
+    log_req = k8s["get", k8s.resource("v1/pods"), k8s.subresource("log")][-1]
+    assert log_req.url.path == f"/api/v1/namespaces/{NS}/pods/{name}-xyz12/log"
+    assert log_req.params["tailLines"] == "50"

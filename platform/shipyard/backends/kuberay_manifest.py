@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, Literal
 
+from shipyard.scheduler.snapshot import Resources  # the scheduler's unit: cpus, gpus, memory bytes
 from shipyard.backends.base import SPEC_ENV, entrypoint_command, spec_json
 from shipyard.errors import SpecError
 from shipyard.spec import JobSpec, is_remote_uri
@@ -198,16 +199,6 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig)
                      "annotations": {JOB_ID: job_id, TENANT: tenant}},
         "spec": job_spec,
     }
-
-
-@dataclass(frozen=True)
-class Resources:
-    cpus: float = 0.0
-    gpus: float = 0.0
-    memory: int = 0
-
-    def __add__(self, o: "Resources") -> "Resources":
-        return Resources(self.cpus + o.cpus, self.gpus + o.gpus, self.memory + o.memory)
 
 
 def quantity(value: Any) -> Decimal:

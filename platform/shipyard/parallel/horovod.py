@@ -214,7 +214,21 @@ def apply_horovod(model: torch.nn.Module, device: torch.device,
     optimizer = hvd.DistributedOptimizer(optimizer_fn(model.parameters()),
                                          named_parameters=model.named_parameters())
     broadcast_state(model, optimizer)
+    _accept_set_to_none(optimizer)
     return model, optimizer
+
+
+def _accept_set_to_none(optimizer: torch.optim.Optimizer) -> None:
+    """Horovod 0.28's ``zero_grad()`` predates torch's ``set_to_none`` keyword, which user loops
+    written for DDP pass (``optimizer.zero_grad(set_to_none=True)``); accept it, keep its check."""
+    horovod_zero_grad = optimizer.zero_grad
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        if set_to_none or getattr(optimizer, "_handles", None):
+            return horovod_zero_grad()  # torch's default is set_to_none=True; raises if reduces are pending
+        torch.optim.Optimizer.zero_grad(optimizer, set_to_none=False)
+
+    optimizer.zero_grad = zero_grad
 
 
 def shutdown() -> None:

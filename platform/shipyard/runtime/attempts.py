@@ -16,6 +16,7 @@ closes the current attempt with its cause before the controller restarts the gro
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 from ray.train.v2.api.callback import UserCallback
@@ -28,6 +29,8 @@ class Attempt:
     number: int
     start: float
     start_step: int | None = None  # the step it resumed from (None until restored)
+    entered: float | None = None  # when rank 0 entered the train loop (process group up)
+    restored_at: float | None = None  # when rank 0 had loaded the checkpoint (or found none)
     first_step_at: float | None = None  # when its first training step finished
     last_step: int = 0  # the furthest step reported (rank 0 reports at most once a second)
     committed_step: int | None = None  # last checkpoint committed during this attempt
@@ -78,6 +81,7 @@ class Ledger:
         if a is None:
             return
         a.start_step = a.last_step = step
+        a.restored_at = time.time()
         prev = self.attempts[-2] if len(self.attempts) > 1 else None
         if prev is not None and prev.kind != "finished":
             prev.steps_lost = max(0, prev.last_step - step)
@@ -106,6 +110,13 @@ class Ledger:
     @property
     def user_error(self) -> bool:
         return bool(self.attempts) and self.attempts[-1].kind == "user_error"
+
+    def mark(self, **times: float) -> None:
+        """Record when rank 0 entered the train loop (for the recovery breakdown)."""
+        a = self.current
+        if a is not None:
+            for name, t in times.items():
+                setattr(a, name, t)
 
     def to_dicts(self) -> list[dict]:
         return [{**asdict(a), "recovery_s": a.recovery_s} for a in self.attempts]

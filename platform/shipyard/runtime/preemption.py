@@ -45,7 +45,9 @@ def _on_sigterm(grace_s: float) -> None:
         return
     _received_at = time.monotonic()
     _notice.set()
-    log.warning("SIGTERM: checkpointing at the next step boundary (grace period %.0fs)", grace_s)
+    # Only logged: Ray also sends SIGTERM when it tears a failed worker group down. A real notice
+    # shows up as the "preempted: ..." event once its checkpoint is committed.
+    log.info("SIGTERM: checkpointing at the next step boundary (grace period %.0fs)", grace_s)
     timer = threading.Timer(grace_s, _expire, args=(grace_s,))
     timer.daemon = True
     timer.start()

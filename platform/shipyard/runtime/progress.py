@@ -52,6 +52,9 @@ class ProgressBoard:
         elif event and event != "started":
             self.events.append((now, event))
 
+    def mark(self, **times: float) -> None:
+        self.ledger.mark(**times)
+
     def reached(self, step: int) -> None:
         """From a rank whose attempt is failing: the step it got to (for steps lost)."""
         self.ledger.progress(step, time.time())

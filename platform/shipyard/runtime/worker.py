@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,10 +50,13 @@ def train_loop(config: dict) -> None:
     # Ray unpacks the job's working_dir as our cwd; a Ray started by the caller (tests, an
     # in-process launch) has no runtime_env, so fall back to the spec's own workdir.
     root = os.getcwd() if (Path.cwd() / spec.entry_target).exists() else spec.workdir
+    entered = time.time()
     board = config.get("board")
     if board is not None and ray.get(board.admit.remote()) is not None:
         return  # no further attempt allowed (max_failures, or a user error): the driver reports why
     tc = ray.train.get_context()
+    if board is not None and tc.get_world_rank() == 0:
+        board.mark.remote(entered=entered)  # for the recovery breakdown (tests/bench/recovery.py)
     ctx = TrainContext(spec, rank=tc.get_world_rank(), world_size=tc.get_world_size(),
                        local_rank=tc.get_local_rank(), device=ray.train.torch.get_device(),
                        board=board)

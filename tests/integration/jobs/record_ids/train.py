@@ -49,4 +49,4 @@ def train(ctx):
         if ctx.config.get("fail_at") == ctx.step and ctx.rank == 0:
             raise RuntimeError(f"injected bug at step {ctx.step}")
     if ctx.rank == 0:
-        torch.save(model.module.state_dict(), out / "final.pt")
+        torch.save(getattr(model, "module", model).state_dict(), out / "final.pt")

@@ -15,7 +15,12 @@ Rank 0's times are reported; the median is the figure, p90 shows the noise.
 
 Output: JSON lines, one per library, then ``{"ratio_horovod_over_torch": ...}`` (<1: Horovod faster).
 
-Run: python tests/bench/allreduce.py [--reps N] [--warmup W] [--mb 64]
+Then the digits job (jobs/digits, 2 workers) runs once with ``strategy: ddp`` and once with
+``strategy: horovod`` through shipyard's launcher; the step time is the wall time from the first
+finished step to the last, over the steps in between (start-up and the restore excluded), and a
+last line gives the ratio horovod/ddp.
+
+Run: python tests/bench/allreduce.py [--reps N] [--warmup W] [--mb 64] [--digits-epochs 10]
      (joins RAY_ADDRESS when set, else starts a private local Ray.)
 """
 
@@ -69,6 +74,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mb", type=int, default=64)
+    parser.add_argument("--digits-epochs", type=int, default=10, help="0 skips the digits comparison")
     args = parser.parse_args()
 
     import ray
@@ -101,6 +107,38 @@ def main() -> None:
                       "horovod_init_s": round(result["init_s"], 3), "results_correct": result["correct"]}))
     if not result["correct"]:
         sys.exit(1)
+    if args.digits_epochs:
+        digits_step_times(args.digits_epochs)
+
+
+def digits_step_times(epochs: int) -> None:
+    import subprocess
+    from pathlib import Path
+
+    from shipyard.runtime.launcher import launch
+    from shipyard.spec import load_spec
+
+    repo = Path(__file__).resolve().parents[2]
+    exe = Path(sys.executable).parent / "shipyard"
+    step_s = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for split in ("train", "test"):
+            subprocess.run([str(exe), "data", "shard", f"sklearn:digits:{split}", f"{tmp}/{split}"],
+                           check=True, capture_output=True)
+        for kind in ("ddp", "horovod"):
+            spec = load_spec(repo / "jobs" / "digits" / "job.yaml", [
+                f"strategy.kind={kind}", f"dataset.uri={tmp}/train", f"dataset.eval_uri={tmp}/test",
+                f"dataset.epochs={epochs}", f"checkpoint.uri={tmp}/ck-{kind}", "checkpoint.every_steps=1000"])
+            result = launch(spec)
+            if not result.ok:
+                sys.exit(f"digits with {kind} failed: {result.error}")
+            snap, attempt = result.snapshot, result.snapshot["attempts"][-1]
+            steps = attempt["last_step"] - attempt["start_step"] - 1
+            step_s[kind] = (attempt["last_step_at"] - attempt["first_step_at"]) / steps
+            print(json.dumps({"bench": "digits_step", "strategy": kind, "steps": steps + 1,
+                              "step_ms": round(step_s[kind] * 1000, 3),
+                              "accuracy": snap["metrics"].get("accuracy")}), flush=True)
+    print(json.dumps({"ratio_digits_step_horovod_over_ddp": round(step_s["horovod"] / step_s["ddp"], 3)}))
 
 
 if __name__ == "__main__":

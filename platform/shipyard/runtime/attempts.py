@@ -33,6 +33,7 @@ class Attempt:
     restored_at: float | None = None  # when rank 0 had loaded the checkpoint (or found none)
     first_step_at: float | None = None  # when its first training step finished
     last_step: int = 0  # the furthest step reported (rank 0 reports at most once a second)
+    last_step_at: float | None = None  # when last_step was reported
     committed_step: int | None = None  # last checkpoint committed during this attempt
     end: float | None = None
     cause: str | None = None  # None while running or when it finished normally
@@ -94,7 +95,8 @@ class Ledger:
             return
         if a.start_step is not None and step > a.start_step and a.first_step_at is None:
             a.first_step_at = now
-        a.last_step = max(a.last_step, step)
+        if step > a.last_step:
+            a.last_step, a.last_step_at = step, now
         if committed_step is not None:
             a.committed_step = committed_step
 

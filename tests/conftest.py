@@ -77,12 +77,15 @@ def ray_address(tmp_path_factory):
     import signal
 
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, dash = free_port(), free_port()
+    # The dashboard agent's port too: Ray's default (52365) is held by any other head on the
+    # machine, and a head whose agent failed to bind refuses every Jobs API submission.
+    port, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
     proc = subprocess.Popen([ray, "start", "--head", "--block", f"--num-cpus={RAY_CPUS}",
                              "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                             "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+                             "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:

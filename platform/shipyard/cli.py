@@ -20,8 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="shipyard: run distributed training jobs described in YAML.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: write Arrow shards.")
 ckpt_app = typer.Typer(no_args_is_help=True, help="Checkpoints: list what a job saved, export one.")
+admin_app = typer.Typer(no_args_is_help=True, help="Tenants and tokens of a server's store (run where the server's data is).")
 app.add_typer(data_app, name="data")
 app.add_typer(ckpt_app, name="checkpoints")
+app.add_typer(admin_app, name="admin")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -38,6 +40,7 @@ def run(
 
     enable_ray_token_auth()  # before anything imports ray
     from shipyard.display import RunView
+    from shipyard.runtime import report
     from shipyard.runtime.launcher import launch
     from shipyard.spec import load_spec
 
@@ -45,8 +48,18 @@ def run(
     console.print(f"[bold]{spec.name}[/bold]: {spec.workers.count} workers x {spec.workers.cpus:g} CPU"
                   f"{f' + {spec.workers.gpus:g} GPU' if spec.workers.gpus else ''}, strategy {spec.strategy.kind}, "
                   f"data {spec.dataset.uri}")
-    with RunView(console, spec) as view:
-        result = launch(spec, on_progress=view.update)
+    # A submitted job (the backend set SHIPYARD_REPORT_URL) also reports to the server and turns
+    # SIGTERM into a checkpoint; for a user's own run the session does nothing.
+    with report.session(spec) as session, RunView(console, spec) as view:
+        try:
+            result = launch(spec, on_progress=report.chain(view.update, session.update))
+        except UserError as e:
+            session.finish(False, str(e), user_error=True)
+            raise
+        except BaseException as e:
+            session.finish(False, f"{type(e).__name__}: {e}")
+            raise
+        session.finish(result.ok, result.error, result.user_error)
     view.summary(result)
     if not result.ok:
         raise typer.Exit(2 if result.user_error else 1)
@@ -113,6 +126,185 @@ def checkpoints_export(
         record, nbytes = export(CheckpointStore(uri), out, step=step, model_only=model_only)
     console.print(f"[green]✓[/green] step {record.step} (epoch {record.epoch}, saved by {record.world} "
                   f"rank{'s' * (record.world != 1)}) -> {out} ({nbytes / 1e6:.1f} MB)", highlight=False)
+
+
+# -- the job service ---------------------------------------------------------------------------
+
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar=["SHIPYARD_URL", "SHIPYARD_SERVER"], show_envvar=False,
+                                            help="server URL (default: SHIPYARD_URL, config file, http://127.0.0.1:8321)")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", show_envvar=False,
+                                              help="bearer token (default: SHIPYARD_TOKEN or the config file)")]
+DataDirOpt = Annotated[str, typer.Option("--data-dir", envvar="SHIPYARD_DATA_DIR",
+                                         help="server state: SQLite store, admin token, report key, local Ray head")]
+DbOpt = Annotated[str | None, typer.Option("--database-url", envvar="SHIPYARD_DATABASE_URL",
+                                           help="postgresql://... (default: SQLite under the data dir)")]
+DEFAULT_DATA_DIR = "~/.shipyard/server"
+
+
+def _client(url: str | None, token: str | None):
+    from shipyard.client import Client
+
+    return Client(url, token)
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8321,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    ray_address: Annotated[str | None, typer.Option(help="join this Ray head (host:6379 or http://host:8265); "
+                                                         "default: start a local one")] = None,
+    database_url: DbOpt = None,
+    backend: Annotated[str, typer.Option(help="ray, or kuberay (reads SHIPYARD_CONFIG)")] = "ray",
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="single-user local mode: no tokens, everyone is admin")] = False,
+    public_url: Annotated[str | None, typer.Option(envvar="SHIPYARD_PUBLIC_URL",
+                                                   help="URL job drivers use to reach this server")] = None,
+    ray_cpus: Annotated[float | None, typer.Option(help="logical CPUs of the local Ray head")] = None,
+    interval: Annotated[float, typer.Option(help="seconds between scheduler ticks")] = 2.0,
+) -> None:
+    """Run the job service: REST API and scheduler, over a store and a Ray cluster."""
+    import logging
+
+    from shipyard.api.serve import ServerOptions, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pathlib import Path
+
+    serve(ServerOptions(host=host, port=port, data_dir=Path(data_dir), ray_address=ray_address,
+                        database_url=database_url, backend=backend, auth=not no_auth, public_url=public_url,
+                        interval_s=interval, ray_cpus=ray_cpus), say=lambda m: console.print(m, highlight=False))
+
+
+@app.command()
+def submit(
+    file: Annotated[str, typer.Option("-f", "--file", metavar="JOB.yaml", help="the job spec")],
+    set_: Annotated[list[str], typer.Option("--set", metavar="FIELD=VALUE", help="override a spec field")] = [],
+    follow: Annotated[bool, typer.Option("--follow", help="stream the job's output until it ends")] = False,
+    url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Queue a job on the server; prints its id."""
+    with _client(url, token) as c:
+        job_id = c.submit(file, set_)
+        console.print(job_id, highlight=False)
+        if follow:
+            _follow(c, job_id)
+
+
+def _follow(c, job_id: str) -> None:
+    import time
+
+    while c.get(job_id)["state"] in ("QUEUED", "ADMITTED"):
+        time.sleep(1)
+    for chunk in c.follow_logs(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    job = c.wait(job_id)
+    console.print(f"{job_id}: {job['state']}" + (f" ({job['message']})" if job.get("message") else ""), highlight=False)
+    if job["state"] != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = None, token: TokenOpt = None,
+           json_: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False) -> None:
+    """A job's state, progress, attempts, metrics and checkpoints."""
+    with _client(url, token) as c:
+        job = c.get(job_id)
+    if json_:
+        import json
+
+        console.print_json(json.dumps(job))
+        return
+    step = f"step {job['step']}/{job['total_steps']}" if job.get("total_steps") else ""
+    console.print(f"[bold]{job['id']}[/bold] {job['name']} ({job['tenant']}, priority {job['priority']}): "
+                  f"[bold]{job['state']}[/bold] {step}", highlight=False)
+    for key in ("waiting", "cause", "message", "checkpoint"):
+        if job.get(key):
+            console.print(f"  {key}: {job[key]}", highlight=False)
+    if job["metrics"]:
+        console.print("  metrics: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in job["metrics"].items()), highlight=False)
+    if job["attempts"]:
+        t = Table("attempt", "steps", "ended", "cause", "lost", "recovery")
+        for a in job["attempts"]:
+            t.add_row(str(a["number"]), f"{a.get('start_step') or 0}->{a.get('last_step') or 0}",
+                      a.get("kind") or ("running" if not a.get("ended_at") else ""), a.get("cause") or "",
+                      "" if a.get("steps_lost") is None else str(a["steps_lost"]),
+                      "" if a.get("recovery_s") is None else f"{a['recovery_s']:.1f}s")
+        console.print(t)
+
+
+@app.command("list")
+def list_(state: Annotated[str | None, typer.Option(help="only these states, comma-separated")] = None,
+          name: Annotated[str | None, typer.Option(help="only jobs with this name")] = None,
+          limit: Annotated[int, typer.Option(help="rows to show")] = 50, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Jobs, newest first."""
+    with _client(url, token) as c:
+        page = c.list(state=state, name=name, limit=limit)
+    t = Table("id", "name", "tenant", "priority", "state", "progress", "submitted", "note")
+    for j in page["items"]:
+        progress = f"{j['progress'] * 100:.0f}%" if j.get("progress") is not None else ""
+        t.add_row(j["id"], j["name"], j["tenant"], str(j["priority"]), j["state"], progress,
+                  j["submitted_at"][:19].replace("T", " "), j.get("waiting") or j.get("cause") or "")
+    console.print(t)
+    if page.get("next_cursor"):
+        console.print(f"(more: --limit {limit * 2})")
+
+
+@app.command()
+def logs(job_id: Annotated[str, typer.Argument(help="job id")],
+         follow: Annotated[bool, typer.Option("-f", "--follow", help="stream until the job ends")] = False,
+         tail: Annotated[int, typer.Option(help="last lines")] = 1000, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """A job's output (its driver's, i.e. `shipyard run`'s)."""
+    with _client(url, token) as c:
+        if follow:
+            for chunk in c.follow_logs(job_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        else:
+            sys.stdout.write(c.logs(job_id, tail))
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Cancel a job (a running one checkpoints, then stops)."""
+    with _client(url, token) as c:
+        job = c.cancel(job_id)
+    console.print(f"{job['id']}: {job['state']}", highlight=False)
+
+
+def _store(data_dir: str, database_url: str | None):
+    from pathlib import Path
+
+    from shipyard.store import Store
+
+    return Store.open(database_url, data_dir=Path(data_dir).expanduser())
+
+
+@admin_app.command("create-tenant")
+def admin_create_tenant(name: Annotated[str, typer.Argument(help="tenant name")],
+                        max_gpus: Annotated[float | None, typer.Option(help="GPU quota")] = None,
+                        max_cpus: Annotated[float | None, typer.Option(help="CPU quota")] = None,
+                        max_running_jobs: Annotated[int | None, typer.Option(help="jobs holding resources at once")] = None,
+                        data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
+    """Create a tenant (a team with quotas)."""
+    with _store(data_dir, database_url) as store:
+        t = store.create_tenant(name, max_gpus=max_gpus, max_cpus=max_cpus, max_running_jobs=max_running_jobs)
+    console.print(f"tenant {t.name} created", highlight=False)
+
+
+@admin_app.command("create-token")
+def admin_create_token(tenant: Annotated[str, typer.Option(help="the token's tenant (created if missing)")],
+                       role: Annotated[str, typer.Option(help="user or admin")] = "user",
+                       label: Annotated[str | None, typer.Option(help="a note: who holds it")] = None,
+                       data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
+    """Create a bearer token and print it (it cannot be shown again)."""
+    if role not in ("user", "admin"):
+        raise UserError(f"--role: got {role!r}; expected user or admin")
+    with _store(data_dir, database_url) as store:
+        store.create_tenant(tenant, exist_ok=True)
+        secret, _ = store.create_token(tenant, admin=role == "admin", label=label)
+    print(secret)
 
 
 def main() -> None:

@@ -137,6 +137,12 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
         rows = rows[:limit]
         return Page([Job.of(r) for r in rows], str(rows[-1].seq) if more else None)
 
+    def count_jobs(self) -> dict[str, int]:
+        """Jobs per state (every state present, zeros included): the server's gauges."""
+        with self._read() as s:
+            rows = s.execute(select(models.Job.state, func.count()).group_by(models.Job.state)).all()
+        return {**{x.value: 0 for x in JobState}, **{state: n for state, n in rows}}
+
     def active_jobs(self) -> list[Job]:
         """Every job that is not finished, in submission order: what the scheduler loop snapshots."""
         q = select(models.Job).where(models.Job.state.in_([x.value for x in ACTIVE])).order_by(models.Job.seq)

@@ -102,6 +102,22 @@ class TenancyMixin:
             s.add(row)
         return secret, Token.of(row)
 
+    def register_token(self, secret: str, tenant: str, *, admin: bool = False, label: str | None = None) -> Token:
+        """Store a secret chosen elsewhere (``SHIPYARD_ADMIN_TOKEN``); a no-op if it is stored already."""
+        if not secret.startswith(TOKEN_PREFIX) or len(secret) < len(TOKEN_PREFIX) + 20:
+            raise UserError(f"token: must start with {TOKEN_PREFIX!r} and hold at least 20 more characters "
+                            "(shipyard admin create-token makes one)")
+        existing = self.authenticate(secret)
+        if existing is not None:
+            return existing
+        row = models.Token(token_hash=hash_token(secret), tenant=tenant, admin=admin, label=label,
+                           created_at=datetime.now(timezone.utc))
+        with self._write() as s:
+            if s.get(models.Tenant, tenant) is None:
+                raise TenantNotFound(tenant)
+            s.add(row)
+        return Token.of(row)
+
     def authenticate(self, secret: str) -> Token | None:
         """The token record for a bearer secret, or ``None`` if unknown or revoked."""
         if not secret.startswith(TOKEN_PREFIX):

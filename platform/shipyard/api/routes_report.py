@@ -1,0 +1,71 @@
+"""``POST /v1/jobs/{id}/report``: progress from the job's driver (see shipyard.runtime.report).
+
+Authorised by the job's report token, not a user token. A report stores attempts, metric points,
+events, step and checkpoint (:meth:`Store.record_report`) and moves the job between RUNNING and
+RESTARTING as its attempts show; the loop still owns the terminal states, which it reads from
+the backend, using the driver's ``outcome`` (stored as an event) as the failure's cause.
+A report from a run that is no longer the job's (a requeued job's previous run) is acknowledged
+and dropped, so that driver stops retrying.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from shipyard.api.auth import check_report_token
+from shipyard.api.schemas import ReportAck
+from shipyard.scheduler.loop import run_state
+from shipyard.store import JobState
+from shipyard.store.states import IllegalTransition
+
+router = APIRouter(tags=["drivers"])
+S = JobState
+
+
+class Outcome(BaseModel):
+    ok: bool
+    error: str | None = None
+    user_error: bool = False
+    preempted: bool = False
+
+
+class Report(BaseModel):
+    submission: str | None = None
+    step: int | None = Field(None, ge=0)
+    total: int | None = Field(None, ge=0)
+    checkpoint: str | None = Field(None, max_length=2000)
+    attempts: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
+    events: list[tuple[float, str]] = Field(default_factory=list, max_length=10_000)
+    metrics: list[tuple[int, float, dict[str, float | None]]] = Field(default_factory=list, max_length=100_000)
+    outcome: Outcome | None = None
+
+
+@router.post("/jobs/{job_id}/report", response_model=ReportAck)
+def report(request: Request, job_id: str, body: Report) -> ReportAck:
+    """A driver's progress snapshot (job report token required)."""
+    check_report_token(request, job_id)
+    store = request.app.state.store
+    job = store.get_job(job_id)
+    if body.submission is not None and job.backend_handle not in (None, body.submission) or (
+            job.backend_handle is None and job.state in (S.QUEUED,)):
+        return ReportAck(ok=False, state=job.state.value)
+    request.app.state.metrics.reports.inc()
+    submission = body.submission or job.backend_handle or "unknown"
+    store.record_report(job_id, submission, step=body.step, total=body.total, checkpoint=body.checkpoint,
+                        attempts=body.attempts, events=body.events, metrics=body.metrics)
+    o = body.outcome
+    if o is not None and not o.ok and not o.preempted:
+        store.add_event(job_id, "outcome", f"{'user_error' if o.user_error else 'failed'}: {o.error or 'failed'}")
+    target = run_state(body.attempts)
+    state = job.state
+    try:
+        if state is S.ADMITTED and (body.attempts or body.step):
+            state = store.transition(job_id, S.ADMITTED, S.RUNNING, message=f"running as {submission}").state
+        if target is not None and target is not state and state in (S.RUNNING, S.RESTARTING) and o is None:
+            state = store.transition(job_id, state, target).state
+    except IllegalTransition:  # the loop or a cancel moved it first; it re-reads next tick
+        state = store.get_job(job_id).state
+    return ReportAck(ok=True, state=state.value)

@@ -1,0 +1,96 @@
+"""The local Ray head that ``shipyard server`` starts when no ``--ray-address`` is given.
+
+It runs ``ray start --head --block`` in a session of its own and records its pid and address in
+``<data dir>/ray-head.json``. A server that restarts (even after ``kill -9``) finds the head still
+running and joins it again, so the jobs on it keep running and are re-attached. The server stops
+the head only on a graceful shutdown, by signalling that process group (never ``ray stop``,
+which would stop every Ray cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class LocalHead:
+    pid: int
+    address: str
+    started: bool  # by this server process (else: found running from an earlier one)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(self.pid):
+            time.sleep(0.2)
+        if _alive(self.pid):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (our own exited child) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def ensure_head(data_dir: Path, num_cpus: float | None = None, timeout_s: float = 90) -> LocalHead:
+    record = data_dir / "ray-head.json"
+    if record.exists():
+        try:
+            info = json.loads(record.read_text())
+            if _alive(info["pid"]) and _listening(info["address"]):
+                return LocalHead(info["pid"], info["address"], started=False)
+        except (ValueError, KeyError, OSError):
+            pass
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"
+    port, dash, agent = _free_port(), _free_port(), _free_port()
+    # The agent's port is chosen too: Ray's default (52365) is taken by any other head on the
+    # machine, and a head without its agent refuses every job submission.
+    cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+           "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus:g}")
+    log = open(data_dir / "ray-head.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while not (_listening(address) and _listening(f"127.0.0.1:{dash}")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the local Ray head did not start (see {data_dir / 'ray-head.log'})")
+        time.sleep(0.3)
+    record.write_text(json.dumps({"pid": proc.pid, "address": address}))
+    return LocalHead(proc.pid, address, started=True)

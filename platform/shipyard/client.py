@@ -1,0 +1,198 @@
+"""The Python SDK: ``shipyard.Client`` over the REST API (httpx).
+
+::
+
+    from shipyard import Client
+    c = Client()                                   # SHIPYARD_URL / SHIPYARD_TOKEN, or ~/.shipyard/config.yaml
+    job_id = c.submit("jobs/digits/job.yaml")
+    c.wait(job_id)["state"]                        # 'SUCCEEDED'
+
+Errors are typed (:class:`NotFound`, :class:`Conflict`, :class:`InvalidSpec`, :class:`Unauthorized`,
+:class:`Forbidden`, :class:`ServerError`, :class:`Unreachable`); each is a
+:class:`~shipyard.errors.UserError`, so the CLI prints its message and exits 2 without a traceback.
+The message is the server's, which names the field for an invalid spec.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from shipyard.errors import UserError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+DEFAULT_URL = "http://127.0.0.1:8321"
+
+
+class ApiError(UserError):
+    status = 0
+
+    def __init__(self, message: str, status: int = 0, code: str = ""):
+        self.status, self.code = status or self.status, code
+        super().__init__(message)
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class Forbidden(ApiError):
+    status = 403
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class InvalidSpec(ApiError):
+    status = 422
+
+
+class ServerError(ApiError):
+    status = 500
+
+
+class Unreachable(ApiError):
+    pass
+
+
+_BY_STATUS = {400: InvalidSpec, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: InvalidSpec,
+              415: InvalidSpec, 422: InvalidSpec}
+
+
+def client_config(env: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """Server URL and token: SHIPYARD_URL (or SHIPYARD_SERVER) and SHIPYARD_TOKEN, else
+    ``$SHIPYARD_HOME/config.yaml`` (``url:``, ``token:``), else the local default URL."""
+    env = dict(os.environ if env is None else env)
+    home = Path(env.get("SHIPYARD_HOME", "~/.shipyard")).expanduser()
+    file: dict = {}
+    path = home / "config.yaml"
+    if path.exists():
+        try:
+            file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML: {e}") from None
+    url = env.get("SHIPYARD_URL") or env.get("SHIPYARD_SERVER") or file.get("url") or DEFAULT_URL
+    return url.rstrip("/"), env.get("SHIPYARD_TOKEN") or file.get("token")
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
+        env_url, env_token = client_config()
+        self.url = (url or env_url).rstrip("/")
+        self.token = token or env_token
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise Unreachable(f"cannot reach the shipyard server at {self.url}: {e} "
+                              "(set SHIPYARD_URL, or start one with `shipyard server`)") from None
+        if r.status_code >= 400:
+            raise _error(r)
+        return r
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def submit(self, spec: Any, overrides: list[str] | None = None) -> str:
+        """Queue a job; ``spec``: a JobSpec, a dict, or a path to a YAML file (validated and
+        resolved here first, as ``shipyard run`` does). Returns the job id."""
+        if isinstance(spec, (str, Path)):
+            from shipyard.spec import load_spec
+
+            spec = load_spec(spec, overrides)
+        body = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
+        return self._request("POST", "/v1/jobs", json=body).json()["id"]
+
+    def get(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def list(self, state: str | list[str] | None = None, name: str | None = None, limit: int = 50,
+             cursor: str | None = None) -> dict:
+        """One page: ``{"items": [...], "next_cursor": ...}``."""
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state if isinstance(state, str) else ",".join(state)
+        if name:
+            params["name"] = name
+        if cursor:
+            params["cursor"] = cursor
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def iter_jobs(self, **kw) -> Iterator[dict]:
+        cursor = None
+        while True:
+            page = self.list(cursor=cursor, **kw)
+            yield from page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def logs(self, job_id: str, tail: int | None = 1000) -> str:
+        params = {"tail": tail} if tail else {}
+        return self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
+
+    def follow_logs(self, job_id: str) -> Iterator[str]:
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise _error(r)
+                yield from r.iter_text()
+        except httpx.TransportError as e:
+            raise Unreachable(f"lost the log stream from {self.url}: {e}") from None
+
+    def metrics(self, job_id: str, names: list[str] | None = None) -> list[dict]:
+        params = {"name": ",".join(names)} if names else {}
+        return self._request("GET", f"/v1/jobs/{job_id}/metrics", params=params).json()["points"]
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 2.0) -> dict:
+        """Poll until the job is SUCCEEDED, FAILED or CANCELLED; returns it. ``TimeoutError`` after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job["state"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
+            time.sleep(poll_s)
+
+
+def _error(r: httpx.Response) -> ApiError:
+    try:
+        err = r.json()["error"]
+        message, code = err["message"], err.get("code", "")
+    except (ValueError, KeyError, TypeError):
+        message, code = r.text.strip()[:500] or r.reason_phrase, ""
+    cls = _BY_STATUS.get(r.status_code, ServerError if r.status_code >= 500 else ApiError)
+    return cls(message, r.status_code, code)
+
+
+__all__ = ["Client", "ApiError", "Unauthorized", "Forbidden", "NotFound", "Conflict", "InvalidSpec", "ServerError",
+           "Unreachable", "client_config"]

@@ -1,0 +1,269 @@
+"""The scheduler loop: store + backend -> snapshot -> :func:`decide` -> apply; then poll runs.
+
+Thin on purpose: every policy is in :func:`shipyard.scheduler.decide` (pure), every state rule
+in :mod:`shipyard.store.states`. Each transition here is a compare-and-set, so a user's cancel
+racing the loop simply wins or loses (``StaleTransition``), and the loop re-reads next tick.
+
+Restart safety (the server may be ``kill -9``-ed between any two lines): everything the loop
+knows is in the store, and :meth:`SchedulerLoop.reconcile` (at start) compares it with the
+backend's ``list_jobs``:
+
+- an ADMITTED job without a handle (died between admit and submit) is submitted again; submit is
+  idempotent per job id, so a run that did start is re-attached, not duplicated;
+- a job holding a handle is simply polled again (re-attached); a run the backend no longer knows
+  is *lost*: its attempts are closed, and the job is requeued (``PREEMPTED -> QUEUED``, cause
+  ``lost``) up to ``max_requeues`` times, then FAILED;
+- a backend run whose job is finished (or unknown) in the store is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from shipyard.backends.base import Backend, BackendError, State
+from shipyard.scheduler.decide import Decisions, Policy, decide
+from shipyard.scheduler.snapshot import JobRequest, Node, Quota, Resources, RunningJob, Snapshot
+from shipyard.store import Job, JobState, Store
+from shipyard.store.states import IllegalTransition
+
+log = logging.getLogger(__name__)
+S = JobState
+POLLED = (S.ADMITTED, S.RUNNING, S.RESTARTING, S.PREEMPTED)
+SUBMIT_GIVE_UP_S = 300.0  # a backend refusing a submit this long fails the job
+SUBMIT_RETRY_S = 5.0
+
+
+def run_state(attempts: list[dict]) -> JobState | None:
+    """RUNNING or RESTARTING from a driver's attempts: restarting while the newest attempt has
+    ended (the group is being restarted) or is a restart that has not reached its first step."""
+    if not attempts:
+        return None
+    last = attempts[-1]
+    if last.get("end") is not None:
+        return None if last.get("kind") == "finished" else S.RESTARTING
+    if len(attempts) > 1 and last.get("recovery_s") is None:
+        return S.RESTARTING
+    return S.RUNNING
+
+
+def request_of(job: Job) -> JobRequest:
+    from shipyard.spec import JobSpec
+
+    spec = JobSpec.model_validate(job.spec)
+    return JobRequest.from_spec(job.id, job.tenant, job.priority, job.submitted_at, job.spec, job.seq,
+                                memory_per_worker=float(spec.workers.memory_bytes))
+
+
+class SchedulerLoop:
+    def __init__(self, store: Store, backend: Backend, *, interval_s: float = 2.0, policy: Policy = Policy(),
+                 max_requeues: int = 3, on_tick: Callable[[float, Decisions | None], None] = lambda s, d: None):
+        self.store, self.backend = store, backend
+        self.interval_s, self.policy, self.max_requeues = interval_s, policy, max_requeues
+        self.on_tick = on_tick
+        self.reasons: dict[str, str] = {}  # waiting jobs -> why (shown by the API)
+        self._submit_failures: dict[str, tuple[float, float]] = {}  # job -> (first, last) failure
+        self._wake = threading.Event()
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Reconcile once, then tick until ``stop`` is set. A failing tick is logged and retried."""
+        reconciled = False
+        while not stop.is_set():
+            t0 = time.monotonic()
+            decisions = None
+            try:
+                if not reconciled:
+                    self.reconcile()
+                    reconciled = True
+                decisions = self.tick()
+            except Exception:  # noqa: BLE001 - a database or backend hiccup must not end the loop
+                log.exception("scheduler tick failed; retrying in %.0fs", self.interval_s)
+            self.on_tick(time.monotonic() - t0, decisions)
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Tick now (a job was submitted or cancelled)."""
+        self._wake.set()
+
+    def tick(self) -> Decisions:
+        self.poll()
+        decisions = decide(self.snapshot(), self.policy)
+        self.apply(decisions)
+        return decisions
+
+    # -- snapshot and decisions -----------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        jobs = self.store.active_jobs()
+        queued = tuple(request_of(j) for j in jobs if j.state is S.QUEUED)
+        running = tuple(RunningJob(request_of(j), j.state.value, j.started_at) for j in jobs if j.state.holds_resources)
+        quotas = {t.name: Quota(t.max_gpus, t.max_cpus, t.max_running_jobs) for t in self.store.list_tenants()}
+        nodes_of = getattr(self.backend, "nodes", None)
+        if nodes_of is not None:
+            nodes = tuple(Node(n.name, Resources(n.free_cpus, n.free_gpus, n.free_memory),
+                               Resources(n.cpus, n.gpus, n.memory)) for n in nodes_of())
+            # A job admitted moments ago holds nothing on the cluster yet; RUNNING ones already do.
+            return Snapshot(queued=queued, running=running, nodes=nodes, quotas=quotas)
+        c = self.backend.capacity()
+        return Snapshot.aggregate(Resources(c.free_cpus, c.free_gpus, c.free_memory),
+                                  Resources(c.cpus, c.gpus, c.memory), queued=queued, running=running, quotas=quotas)
+
+    def apply(self, d: Decisions) -> None:
+        self.reasons = dict(d.reasons)
+        for victim in d.preempt:
+            self._preempt(victim, d.reasons.get(victim, "preempted"))
+        for a in d.admit:
+            try:
+                self.store.transition(a.job_id, S.QUEUED, S.ADMITTED,
+                                      message=f"placed on {', '.join(f'{n}x{k}' for n, k in a.placement.items())}")
+            except IllegalTransition:
+                continue  # cancelled meanwhile
+            self._submit(self.store.get_job(a.job_id))
+
+    def _preempt(self, job_id: str, why: str) -> None:
+        job = self.store.get_job(job_id)
+        try:
+            job = self.store.transition(job_id, job.state, S.PREEMPTED, cause="preempted", message=why)
+        except IllegalTransition:
+            return
+        if job.backend_handle:
+            self._cancel(job.backend_handle)
+        else:
+            self._requeue(job, "preempted before it was submitted")
+
+    def _submit(self, job: Job) -> None:
+        """Submit an ADMITTED job. A refused submit (a head still starting, an API hiccup) is
+        retried every SUBMIT_RETRY_S while the job stays ADMITTED; after SUBMIT_GIVE_UP_S of
+        refusals the job fails with the backend's last answer."""
+        from shipyard.spec import JobSpec
+
+        now = time.monotonic()
+        first, last = self._submit_failures.get(job.id, (now, 0.0))
+        if now - last < SUBMIT_RETRY_S:
+            return
+        try:
+            handle = self.backend.submit(job.id, JobSpec.model_validate(job.spec), job.tenant)
+        except BackendError as e:
+            self._submit_failures[job.id] = (first, time.monotonic())
+            log.warning("submit %s failed (retrying for %.0fs more): %s", job.id,
+                        max(0.0, SUBMIT_GIVE_UP_S - (now - first)), e)
+            if now - first >= SUBMIT_GIVE_UP_S:
+                self._submit_failures.pop(job.id, None)
+                self._finish(job, S.FAILED, "submit_failed", str(e))
+            return
+        self._submit_failures.pop(job.id, None)
+        self.store.update_job(job.id, backend_handle=handle)
+        self.store.add_event(job.id, "backend", f"submitted to {self.backend.name} as {handle}")
+
+    def _cancel(self, handle: str) -> None:
+        try:
+            self.backend.cancel(handle)
+        except BackendError as e:
+            log.warning("cancel %s failed (will retry): %s", handle, e)
+
+    # -- polling runs ---------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        for job in self.store.active_jobs():
+            if job.state not in POLLED:
+                continue
+            if job.backend_handle is None:
+                if job.state is S.ADMITTED:
+                    self._submit(job)  # admitted, then the submit failed or the server died
+                elif job.state is S.PREEMPTED:
+                    self._requeue(job, "preempted")
+                continue
+            try:
+                status = self.backend.status(job.backend_handle)
+            except BackendError as e:
+                log.warning("status of %s: %s", job.id, e)
+                continue
+            self._follow(job, status)
+
+    def _follow(self, job: Job, status) -> None:
+        st = status.state
+        if st is State.PENDING:
+            return
+        if st is State.RUNNING:
+            if job.state is S.ADMITTED:
+                self._move(job, S.ADMITTED, S.RUNNING, message=f"running as {job.backend_handle}")
+            return
+        if job.state is S.PREEMPTED:  # the run stopped (or ended) after the preemption notice
+            # A run that finished before it could stop is requeued too (PREEMPTED -> SUCCEEDED is
+            # no edge): the next run restores the final checkpoint and ends at once.
+            self.store.close_run(job.id, job.backend_handle, kind="preempted", cause="preempted")
+            self._requeue(job, "preempted")
+            return
+        if st is State.SUCCEEDED:
+            self.store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
+            self._finish(job, S.SUCCEEDED, None, None)
+        elif st is State.FAILED and status.reason == "NotFound":
+            self._lost(job, status.message)
+        else:
+            cause, message = self._failure(job, status)
+            self.store.close_run(job.id, job.backend_handle, kind="failed", cause=cause)
+            self._finish(job, S.FAILED, cause, message)
+
+    def _failure(self, job: Job, status) -> tuple[str, str]:
+        """Why a run failed: the driver's own last word (its outcome report) if it sent one."""
+        outcome = next((e.message for e in reversed(self.store.events(job.id, kind="outcome"))), None)
+        if status.state is State.STOPPED:
+            return "stopped", status.message or "the run was stopped outside shipyard"
+        if outcome:
+            kind, _, text = outcome.partition(": ")
+            return ("user_error" if kind == "user_error" else "failed"), text
+        return "failed", status.message or status.reason or "the run failed"
+
+    def _lost(self, job: Job, message: str) -> None:
+        self.store.close_run(job.id, job.backend_handle, kind="failed", cause="lost")
+        requeues = sum(1 for e in self.store.events(job.id, kind="state") if e.message.startswith("PREEMPTED -> QUEUED"))
+        if requeues >= self.max_requeues:
+            self._finish(job, S.FAILED, "lost", f"{message}; requeued {requeues} times already")
+            return
+        job = self._move(job, job.state, S.PREEMPTED, cause="lost", message=message)
+        if job is not None:
+            self._requeue(job, "lost")
+
+    def _requeue(self, job: Job, why: str) -> None:
+        self._move(job, S.PREEMPTED, S.QUEUED, cause=why,
+                   message="requeued; it resumes from its latest checkpoint" if job.spec.get("checkpoint") else "requeued")
+
+    def _finish(self, job: Job, target: JobState, cause: str | None, message: str | None) -> None:
+        state = job.state
+        if target is S.SUCCEEDED and state in (S.ADMITTED, S.RESTARTING):  # ended between two polls
+            if self._move(job, state, S.RUNNING) is None:
+                return
+            state = S.RUNNING
+        self._move(job, state, target, cause=cause, message=message)
+
+    def _move(self, job: Job, a: JobState, b: JobState, **kw) -> Job | None:
+        try:
+            return self.store.transition(job.id, a, b, **kw)
+        except IllegalTransition as e:
+            log.info("%s", e)
+            return None
+
+    # -- restart ---------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Compare the store with the backend after a (re)start; see the module docstring."""
+        try:
+            running = self.backend.list_jobs()
+        except BackendError as e:
+            log.warning("reconcile: cannot list the backend's jobs (%s); polling will catch up", e)
+            return
+        active = {j.id: j for j in self.store.active_jobs()}
+        for job in active.values():
+            if job.state in POLLED and job.backend_handle is None and job.id in running:
+                self.store.update_job(job.id, backend_handle=running[job.id])
+                self.store.add_event(job.id, "backend", f"re-attached to {running[job.id]} after a server restart")
+        for job_id, handle in running.items():
+            job = active.get(job_id)
+            if job is None or (job.backend_handle not in (None, handle)):
+                log.warning("reconcile: cancelling %s (%s): its job is finished or unknown", handle, job_id)
+                self._cancel(handle)

@@ -1,0 +1,178 @@
+"""The job service end to end: a real `shipyard server` (uvicorn, SQLite) in a subprocess on the
+session's Ray head, jobs submitted with the real CLI, and the server `kill -9`-ed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, free_port
+
+pytestmark = pytest.mark.integration
+JOB = str(REPO / "tests" / "integration" / "jobs" / "record_ids" / "job.yaml")
+EXE = str(Path(sys.executable).parent / "shipyard")
+
+
+class Server:
+    def __init__(self, data_dir: Path, ray_address: str, env: dict):
+        self.data_dir, self.ray_address, self.env = data_dir, ray_address, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.logs = data_dir.parent / f"server-{self.port}.log"
+
+    def start(self) -> "Server":
+        log = open(self.logs, "a")
+        self.proc = subprocess.Popen([EXE, "server", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                                      "--ray-address", self.ray_address, "--interval", "0.5"],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.logs.read_text()
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(self.logs.read_text())
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(30)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "digits"
+    subprocess.run([EXE, "data", "shard", "sklearn:digits:train", str(data), "--rows-per-shard", "300"],
+                   check=True, capture_output=True)
+    return data
+
+
+@pytest.fixture
+def server(tmp_path, ray_address, cli_env):
+    s = Server(tmp_path / "server", ray_address, cli_env).start()
+    yield s
+    if s.proc.poll() is None:
+        assert s.stop() == 0, s.logs.read_text()[-3000:]
+
+
+def cli(server, *args, timeout=120):
+    env = {**server.env, "SHIPYARD_URL": server.url, "SHIPYARD_TOKEN": server.token}
+    return subprocess.run([EXE, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(server, digits, out: Path, *extra):
+    out.mkdir()
+    r = cli(server, "submit", "-f", JOB, "--set", f"dataset.uri={digits}", "--set", f"checkpoint.uri={out / 'ck'}",
+            "--set", f"config.out={out}", "--set", "dataset.epochs=1", *extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip()
+
+
+def wait(client, job_id, states, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job["state"] in states:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"{job_id} still {job['state']}: {json.dumps(job)[:3000]}")
+
+
+def steps_run(out: Path, rank: int = 0) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_two_jobs_submitted_with_the_cli_both_succeed_with_attempts_and_metrics(server, digits, tmp_path):
+    from shipyard.client import Client
+
+    a = submit(server, digits, tmp_path / "a")
+    b = submit(server, digits, tmp_path / "b")
+    client = Client(server.url, server.token)
+    for job_id, out in ((a, tmp_path / "a"), (b, tmp_path / "b")):
+        job = client.wait(job_id, timeout=240, poll_s=0.5)
+        assert job["state"] == "SUCCEEDED", json.dumps(job)[:3000]
+        assert (job["step"], job["total_steps"]) == (23, 23)
+        assert [(x["number"], x["kind"]) for x in job["attempts"]] == [(1, "finished")]
+        assert job["checkpoint"].endswith("step-000000023")
+        assert [c["step"] for c in job["checkpoints"] if c["committed"]][-1] == 23
+        assert "loss" in job["metrics"] and client.metrics(job_id, ["loss"])
+        assert steps_run(out) == list(range(1, 24))
+    r = cli(server, "status", a)
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout and "finished" in r.stdout, r.stdout + r.stderr
+    r = cli(server, "list", "--state", "SUCCEEDED")
+    assert a in r.stdout and b in r.stdout
+    assert "record-ids finished: step 23/23" in cli(server, "logs", a).stdout
+    # Bad input through the CLI: the field is named, exit 2, no traceback.
+    r = cli(server, "submit", "-f", JOB, "--set", "workers.count=0")
+    assert r.returncode == 2 and "workers.count: got 0" in r.stderr and "Traceback" not in r.stderr
+    r = cli(server, "cancel", a)
+    assert r.returncode == 2 and "is SUCCEEDED and cannot become CANCELLED" in r.stderr
+    r = cli(server, "status", "job-nope")
+    assert r.returncode == 2 and "no job 'job-nope'" in r.stderr
+
+
+def test_server_killed_mid_run_reattaches_and_the_job_succeeds_exactly_once(server, digits, tmp_path, ray_address):
+    from shipyard.client import Client
+
+    out = tmp_path / "r"
+    job_id = submit(server, digits, out, "--set", "dataset.epochs=3")
+    client = Client(server.url, server.token)
+    wait(client, job_id, ("RUNNING",), timeout=120)
+    server.kill9()
+    time.sleep(2)  # the run goes on without its server
+    server.start()  # same data dir: same store and report key
+    client = Client(server.url, server.token)
+    job = client.wait(job_id, timeout=240, poll_s=0.5)
+    assert job["state"] == "SUCCEEDED", json.dumps(job)[:3000]
+    assert [(x["number"], x["kind"]) for x in job["attempts"]] == [(1, "finished")]
+    assert steps_run(out) == list(range(1, 70))  # one run: every step once, none twice
+    states = [e["message"].split(":")[0] for e in job["events"] if e["kind"] == "state"]
+    assert states == ["QUEUED -> ADMITTED", "ADMITTED -> RUNNING", "RUNNING -> SUCCEEDED"], states
+    assert job["backend_handle"] == f"shipyard-{job_id}-1"  # submitted once, never again
+
+
+def test_cancelling_a_running_job_makes_its_workers_checkpoint_before_the_run_stops(server, digits, tmp_path):
+    """The preemption path: the backend stops the run with SIGTERM to the driver, which forwards
+    it to the training workers; they commit a checkpoint at one step, then the driver exits."""
+    from shipyard.client import Client
+
+    out = tmp_path / "c"
+    job_id = submit(server, digits, out, "--set", "dataset.epochs=40", "--set", "checkpoint.every_steps=1000")
+    client = Client(server.url, server.token)
+    wait(client, job_id, ("RUNNING",), timeout=120)
+    deadline = time.monotonic() + 120
+    while not (out / "rank0.jsonl").exists() or len(steps_run(out)) < 5:
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.3)
+    assert client.cancel(job_id)["state"] == "CANCELLED"
+    deadline = time.monotonic() + 90
+    while "checkpoint committed" not in (text := client.logs(job_id)) or "exiting" not in text:
+        assert time.monotonic() < deadline, text[-3000:]
+        time.sleep(1)
+    assert "stop: SIGTERM sent to 2 worker processes" in text
+    from shipyard.checkpoint import CheckpointStore
+
+    latest = CheckpointStore(str(out / "ck")).latest()
+    assert latest is not None and latest.step >= 5  # saved on SIGTERM: every_steps=1000 was never reached
+    assert latest.step in steps_run(out)

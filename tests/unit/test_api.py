@@ -1,0 +1,183 @@
+"""The REST API over a real SQLite store, through FastAPI's TestClient (no Ray, no backend):
+auth, tenant isolation, spec validation naming fields, pagination, transitions, reports."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shipyard.api import ApiConfig, create_app
+from shipyard.api.auth import report_token
+from shipyard.store import Store
+from shipyard.store.runs import MAX_POINTS
+
+KEY = b"test-report-key"
+
+
+def spec(name="train", **extra):
+    return {"name": name, "entrypoint": "train.py:train", "dataset": {"uri": "/data/digits"},
+            "workers": {"count": 2, "cpus": 1}, **extra}
+
+
+@pytest.fixture
+def api(tmp_path):
+    store = Store.open(f"sqlite:///{tmp_path / 'shipyard.db'}")
+    store.create_tenant("a")
+    store.create_tenant("b")
+    tokens = {"a": store.create_token("a")[0], "b": store.create_token("b")[0],
+              "admin": store.create_token("a", admin=True)[0]}
+    client = TestClient(create_app(store, config=ApiConfig(report_key=KEY, max_body_bytes=64_000)))
+    client.tokens = tokens
+    client.store = store
+    yield client
+    store.close()
+
+
+def h(api, who):
+    return {"Authorization": f"Bearer {api.tokens[who]}"}
+
+
+def submit(api, who="a", body=None, **kw):
+    r = api.post("/v1/jobs", json=body or spec(**kw), headers=h(api, who))
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"status", "code", "message"} and err["status"] == status
+    return err["message"]
+
+
+def test_every_v1_route_needs_a_valid_token(api):
+    assert "missing bearer token" in error(api.get("/v1/jobs"), 401)
+    assert "invalid or revoked" in error(api.get("/v1/jobs", headers={"Authorization": "Bearer shp_nope"}), 401)
+    assert error(api.post("/v1/jobs", json=spec()), 401)
+    assert error(api.get("/v1/jobs/job-x"), 401)
+    assert api.get("/healthz").status_code == 200  # ops routes are open
+    assert "/v1/jobs" in api.get("/openapi.json").json()["paths"]
+
+
+def test_submit_is_persisted_and_tenants_see_only_their_jobs(api):
+    a = submit(api, "a", name="mine")
+    b = submit(api, "b", name="theirs")
+    assert api.store.get_job(a).state.value == "QUEUED"  # committed before the 201
+    got = api.get(f"/v1/jobs/{a}", headers=h(api, "a")).json()
+    assert (got["name"], got["state"], got["tenant"], got["spec"]["workers"]["count"]) == ("mine", "QUEUED", "a", 2)
+    # Another tenant's job is "not found", exactly like a missing one, for every route.
+    for method, path in (("GET", f"/v1/jobs/{b}"), ("POST", f"/v1/jobs/{b}/cancel"), ("GET", f"/v1/jobs/{b}/logs"),
+                         ("GET", f"/v1/jobs/{b}/metrics")):
+        assert error(api.request(method, path, headers=h(api, "a")), 404) == f"no job {b!r}"
+    assert error(api.get("/v1/jobs/job-missing", headers=h(api, "a")), 404) == "no job 'job-missing'"
+    assert [j["id"] for j in api.get("/v1/jobs", headers=h(api, "a")).json()["items"]] == [a]
+    assert {j["id"] for j in api.get("/v1/jobs", headers=h(api, "admin")).json()["items"]} == {a, b}
+    assert [j["id"] for j in api.get("/v1/jobs?tenant=b", headers=h(api, "admin")).json()["items"]] == [b]
+    assert api.get(f"/v1/jobs/{b}", headers=h(api, "admin")).status_code == 200
+
+
+def test_invalid_specs_are_422_naming_the_field_like_the_cli(api):
+    bad = spec(workers={"count": 0})
+    msg = error(api.post("/v1/jobs", json=bad, headers=h(api, "a")), 422)
+    assert msg.startswith("spec: workers.count: got 0;"), msg
+    msg = error(api.post("/v1/jobs", json=spec(wrokers=3), headers=h(api, "a")), 422)
+    assert "spec: wrokers: unknown field; allowed: name, entrypoint" in msg
+    msg = error(api.post("/v1/jobs", json={"name": "x"}, headers=h(api, "a")), 422)
+    assert "spec: entrypoint: required field is missing" in msg and "spec: dataset: required field is missing" in msg
+    assert "expected a mapping" in error(api.post("/v1/jobs", json=[1, 2], headers=h(api, "a")), 422)
+    assert "not valid JSON" in error(api.post("/v1/jobs", content=b"{", headers={**h(api, "a"), "Content-Type": "application/json"}), 400)
+    assert "not valid YAML at line" in error(api.post("/v1/jobs", content=b"name: [x", headers={
+        **h(api, "a"), "Content-Type": "application/yaml"}), 400)
+    assert "application/json or application/yaml" in error(api.post("/v1/jobs", content=b"x", headers={
+        **h(api, "a"), "Content-Type": "text/csv"}), 415)
+    assert error(api.post("/v1/jobs", content=b"x" * 70_000, headers={**h(api, "a"), "Content-Type": "application/json"}), 413)
+    assert api.get("/v1/jobs", headers=h(api, "a")).json()["items"] == []  # nothing was stored
+
+
+def test_yaml_body_is_accepted(api):
+    body = b"name: from-yaml\nentrypoint: train.py:train\ndataset: {uri: /data/d}\nworkers: {count: 1}\n"
+    r = api.post("/v1/jobs", content=body, headers={**h(api, "a"), "Content-Type": "application/yaml"})
+    assert r.status_code == 201, r.text
+    assert api.get(f"/v1/jobs/{r.json()['id']}", headers=h(api, "a")).json()["spec"]["workers"]["count"] == 1
+
+
+def test_priority_above_the_user_cap_needs_an_admin(api):
+    msg = error(api.post("/v1/jobs", json=spec(priority=500), headers=h(api, "a")), 403)
+    assert msg == "spec: priority: got 500; priorities above 100 need an admin token"
+    assert submit(api, "a", priority=100)
+    job = submit(api, "admin", priority=500)
+    assert api.store.get_job(job).priority == 500
+
+
+def test_pagination_is_stable_and_filters_apply(api):
+    ids = [submit(api, "a", name=f"job-{i % 2}") for i in range(7)]
+    seen, cursor = [], None
+    while True:
+        page = api.get("/v1/jobs", params={"limit": 3, **({"cursor": cursor} if cursor else {})}, headers=h(api, "a")).json()
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+        submit(api, "a", name="late")  # new jobs do not shift the pages being read
+    assert seen == ids[::-1]
+    names = {j["name"] for j in api.get("/v1/jobs?name=job-1", headers=h(api, "a")).json()["items"]}
+    assert names == {"job-1"}
+    assert "limit" in error(api.get("/v1/jobs?limit=0", headers=h(api, "a")), 422)
+    assert "state: unknown job state 'bogus'" in error(api.get("/v1/jobs?state=bogus", headers=h(api, "a")), 400)
+    assert error(api.get("/v1/jobs?cursor=abc", headers=h(api, "a")), 400).startswith("cursor:")
+
+
+def test_cancel_then_illegal_transition_is_409(api):
+    job = submit(api)
+    r = api.post(f"/v1/jobs/{job}/cancel", headers=h(api, "a"))
+    assert r.status_code == 200 and r.json()["state"] == "CANCELLED"
+    msg = error(api.post(f"/v1/jobs/{job}/cancel", headers=h(api, "a")), 409)
+    assert "is CANCELLED and cannot become CANCELLED" in msg
+    assert [j["state"] for j in api.get("/v1/jobs?state=CANCELLED", headers=h(api, "a")).json()["items"]] == ["CANCELLED"]
+
+
+def test_driver_reports_store_attempts_metrics_and_move_the_state(api):
+    store = api.store
+    job = submit(api)
+    store.transition(job, "QUEUED", "ADMITTED")
+    store.update_job(job, backend_handle="run-1")
+    url = f"/v1/jobs/{job}/report"
+    assert error(api.post(url, json={}, headers=h(api, "a")), 403)  # a user token is not a report token
+    assert error(api.post(url, json={}, headers={"Authorization": f"Bearer {report_token(KEY, 'job-other')}"}), 403)
+    auth = {"Authorization": f"Bearer {report_token(KEY, job)}"}
+    t0 = time.time()
+    points = [[i, t0, {"loss": 1.0 / (i + 1)}] for i in range(MAX_POINTS + 500)]
+    body = {"submission": "run-1", "step": 40, "total": 100, "checkpoint": "/ck/step-000000040",
+            "attempts": [{"number": 1, "start": t0, "start_step": 0, "last_step": 40, "recovery_s": 1.5}],
+            "events": [[t0, "checkpoint at step 40 committed"]], "metrics": points}
+    r = api.post(url, json=body, headers=auth)
+    assert r.json() == {"ok": True, "state": "RUNNING"}
+    # The first attempt failed; Ray Train restarts the group: RESTARTING until the restart's first step.
+    body.update(metrics=[], events=[], attempts=[
+        {"number": 1, "start": t0, "end": t0 + 5, "kind": "failed", "cause": "rank 1: worker process died",
+         "start_step": 0, "last_step": 43, "steps_lost": 3},
+        {"number": 2, "start": t0 + 6, "start_step": 40, "last_step": 40}])
+    assert api.post(url, json=body, headers=auth).json()["state"] == "RESTARTING"
+    body["attempts"][1].update(last_step=60, recovery_s=2.0)
+    body.update(step=60)
+    assert api.post(url, json=body, headers=auth).json()["state"] == "RUNNING"
+    got = api.get(f"/v1/jobs/{job}", headers=h(api, "a")).json()
+    assert [(a["number"], a["kind"], a["steps_lost"]) for a in got["attempts"]] == [(1, "failed", 3), (2, None, None)]
+    assert (got["step"], got["total_steps"], got["progress"], got["checkpoint"]) == (60, 100, 0.6, "/ck/step-000000040")
+    assert got["metrics"]["loss"] == pytest.approx(1.0 / (MAX_POINTS + 500))
+    assert any("checkpoint at step 40" in e["message"] for e in got["events"])
+    series = api.get(f"/v1/jobs/{job}/metrics?name=loss", headers=h(api, "a")).json()["points"]
+    assert len(series) <= MAX_POINTS and series[0]["step"] == 0 and series[-1]["step"] == MAX_POINTS + 499
+    # A report from a run that is no longer the job's is acknowledged and dropped.
+    assert api.post(url, json={**body, "submission": "run-0"}, headers=auth).json()["ok"] is False
+
+
+def test_prometheus_metrics_have_bounded_labels(api):
+    job = submit(api)
+    api.get(f"/v1/jobs/{job}", headers=h(api, "a"))
+    text = api.get("/metrics").text
+    assert 'shipyard_jobs{state="QUEUED"} 1.0' in text
+    assert "shipyard_submissions_total 1.0" in text
+    assert job not in text  # ids never become label values

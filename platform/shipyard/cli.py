@@ -155,7 +155,7 @@ def server(
     ray_address: Annotated[str | None, typer.Option(help="join this Ray head (host:6379 or http://host:8265); "
                                                          "default: start a local one")] = None,
     database_url: DbOpt = None,
-    backend: Annotated[str, typer.Option(help="ray, or kuberay (reads SHIPYARD_CONFIG)")] = "ray",
+    backend: Annotated[str, typer.Option(help="ray, or kuberay (reads SHIPYARD_CONFIG)", envvar="SHIPYARD_BACKEND")] = "ray",
     no_auth: Annotated[bool, typer.Option("--no-auth", help="single-user local mode: no tokens, everyone is admin")] = False,
     public_url: Annotated[str | None, typer.Option(envvar="SHIPYARD_PUBLIC_URL",
                                                    help="URL job drivers use to reach this server")] = None,

@@ -1,4 +1,4 @@
-"""The REST API over a real SQLite store, through FastAPI's TestClient (no Ray, no backend):
+"""The REST API over a real store (SQLite, then PostgreSQL), through FastAPI's TestClient (no Ray, no backend):
 auth, tenant isolation, spec validation naming fields, pagination, transitions, reports."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def spec(name="train", **extra):
 
 
 @pytest.fixture
-def api(tmp_path):
-    store = Store.open(f"sqlite:///{tmp_path / 'shipyard.db'}")
+def api(fresh_database_url):
+    store = Store.open(fresh_database_url)  # a SQLite file, then a real PostgreSQL (tests/conftest.py)
     store.create_tenant("a")
     store.create_tenant("b")
     tokens = {"a": store.create_token("a")[0], "b": store.create_token("b")[0],

@@ -98,11 +98,13 @@ class JobRequest:
     @classmethod
     def from_spec(cls, id: str, tenant: str, priority: int, submitted_at: datetime, spec: Any,
                   seq: int = 0, memory_per_worker: float = 0.0) -> "JobRequest":
-        """From a :class:`~shipyard.spec.JobSpec` (or its JSON dict). The spec has no memory
-        field yet, so memory comes from the caller (0: not constrained)."""
-        w = spec["workers"] if isinstance(spec, Mapping) else spec.workers.model_dump()
-        return cls(id, tenant, priority, submitted_at, int(w.get("count", 2)),
-                   Resources(float(w.get("cpus", 1.0)), float(w.get("gpus", 0.0)), memory_per_worker), seq)
+        """From a :class:`~shipyard.spec.JobSpec` (or its JSON dict). Memory per worker is the
+        spec's ``workers.memory`` unless the caller gives one (0: not constrained)."""
+        from shipyard.spec import Workers
+
+        w = Workers.model_validate(spec.get("workers") or {}) if isinstance(spec, Mapping) else spec.workers
+        memory = memory_per_worker or float(w.memory_bytes)
+        return cls(id, tenant, priority, submitted_at, w.count, Resources(w.cpus, w.gpus, memory), seq)
 
 
 @dataclass(frozen=True)

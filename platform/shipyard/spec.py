@@ -64,6 +64,51 @@ class HorovodStrategy(_Model):
     kind: Literal["horovod"] = "horovod"
 
 
+class FSDPStrategy(_Model):
+    """Fully sharded data parallel (FSDP2 ``fully_shard``): parameters, gradients and optimizer
+    state are split across all workers; each block's parameters are gathered just for its use."""
+
+    kind: Literal["fsdp"] = "fsdp"
+    reshard_after_forward: bool = Field(True, description="free gathered parameters after forward "
+                                                          "(less memory, one more all-gather in backward)")
+    mixed_precision: Literal["bf16", "none"] = Field("bf16", description="compute dtype on GPU "
+                                                     "(gradients reduced in fp32); CPU always runs fp32")
+    activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+
+
+class TensorStrategy(_Model):
+    """Tensor parallel (DTensor): each block's matmuls are split across ``tp`` workers with the
+    model's TP plan; groups of ``tp`` workers form data-parallel replicas."""
+
+    kind: Literal["tensor"] = "tensor"
+    tp: int = Field(2, ge=1, description="workers that split each layer; workers.count must be a multiple")
+    activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+
+
+class PipelineStrategy(_Model):
+    """Pipeline parallel (torch.distributed.pipelining): the model is cut at its declared split
+    points into ``stages`` consecutive stages; each batch runs as ``microbatches`` microbatches."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    stages: int = Field(2, ge=2, description="pipeline stages; workers.count must be a multiple")
+    microbatches: int = Field(4, ge=1, description="microbatches per batch; must divide dataset.batch_size")
+    schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="1f1b (less activation memory) or gpipe")
+    activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+
+
+class HybridStrategy(_Model):
+    """FSDP x TP on a 2-D mesh: ``tp`` workers split each layer, ``dp_shard`` groups shard the rest."""
+
+    kind: Literal["hybrid"] = "hybrid"
+    tp: int = Field(2, ge=1, description="tensor-parallel degree (inner mesh dimension)")
+    dp_shard: int | None = Field(None, ge=1, description="FSDP degree (outer); default workers.count / tp")
+    mixed_precision: Literal["bf16", "none"] = Field("bf16", description="compute dtype on GPU; CPU always runs fp32")
+    activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+
+
+Strategy = DDPStrategy | HorovodStrategy | FSDPStrategy | TensorStrategy | PipelineStrategy | HybridStrategy
+
+
 class Dataset(_Model):
     uri: str = Field(description="directory holding a shard manifest, written by `shipyard data shard`")
     eval_uri: str | None = Field(None, description="optional held-out dataset for ctx.eval_batches()")
@@ -88,7 +133,7 @@ class JobSpec(_Model):
     entrypoint: str = Field(description="`file.py:function` (relative to workdir) or `module:function`")
     workdir: str = Field(".", description="directory shipped to the workers; relative to the spec file")
     workers: Workers = Workers()
-    strategy: DDPStrategy | HorovodStrategy = Field(DDPStrategy(), discriminator="kind")
+    strategy: Strategy = Field(DDPStrategy(), discriminator="kind")
     image: str | None = Field(None, description="worker container image on Kubernetes (default: the server's)")
     priority: int = Field(0, ge=-1000, le=1000, description="queue priority; higher runs first and may preempt lower")
     dataset: Dataset
@@ -117,6 +162,24 @@ class JobSpec(_Model):
         ck = self.checkpoint
         if ck is not None and ck.every_steps is None and ck.every_seconds is None:
             return self.model_copy(update={"checkpoint": ck.model_copy(update={"every_steps": 100})})
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits_workers(self) -> "JobSpec":
+        """The device mesh is cut from ``workers.count``; a strategy that does not divide it fails here."""
+        from shipyard.parallel.mesh import MeshError, parallel_dims
+
+        try:
+            parallel_dims(self.strategy, self.workers.count)
+        except MeshError as e:
+            raise ValueError(f"strategy.{e.field}: {e}") from None
+        s = self.strategy
+        if isinstance(s, PipelineStrategy) and self.dataset.batch_size % s.microbatches:
+            raise ValueError(f"strategy.microbatches: {s.microbatches} microbatches must divide "
+                             f"dataset.batch_size ({self.dataset.batch_size})")
+        if isinstance(s, PipelineStrategy) and s.schedule == "1f1b" and s.microbatches < s.stages:
+            raise ValueError(f"strategy.microbatches: schedule 1f1b needs at least one microbatch per stage "
+                             f"({s.stages}), got {s.microbatches}")
         return self
 
     @property
@@ -185,6 +248,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: {path}.kind: got {got!r}; input should be one of {tags}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
+            if not loc:  # a check across fields (JobSpec's model validators): msg names the field
+                lines.append(f"{source}: {msg}")
+                continue
             lines.append(f"{source}: {path}: got {e['input']!r}; {msg[0].lower()}{msg[1:]}")
     return "\n".join(lines)
 

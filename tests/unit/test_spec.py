@@ -40,7 +40,7 @@ def test_digits_spec_loads_with_paths_resolved():
 @pytest.mark.parametrize("change, expected", [
     ({"workers__count": 0}, "workers.count: got 0; input should be greater than or equal to 1"),
     ({"workers__cnt": 2}, "workers.cnt: unknown field; allowed: count, cpus, gpus"),
-    ({"strategy__kind": "zero"}, "strategy.kind: got 'zero'; input should be one of 'ddp', 'horovod'"),
+    ({"strategy__kind": "zero"}, "strategy.kind: got 'zero'; input should be one of 'ddp', 'horovod', 'fsdp', 'tensor', 'pipeline', 'hybrid'"),
     ({"dataset__uri": None}, "dataset.uri: required field is missing"),
     ({"entrypoint": "train"}, "entrypoint: got 'train'; must be `file.py:function` or `module:function`"),
     ({"name": "My Job"}, "name: got 'My Job'; must be lower-case"),

@@ -58,8 +58,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def app_state(model, optimizer, scheduler=None) -> dict:
-    """The DCP state dict of a training job: references to the live tensors, not copies."""
+    """The DCP state dict of a training job: references to the live tensors, not copies.
+
+    The optimizer's ``param_groups`` are stored keyed by parameter FQN (``{fqn: hyperparameters}``)
+    rather than as torch's list of groups. In the list, group ``i`` names whatever parameters the
+    saving rank held; pipeline stages hold different parameters, so every stage would write a
+    different ``param_groups.0`` under one key and a loading stage would read another stage's
+    (DCP keeps one copy of each key). Keyed by FQN, each stage writes its own entries and any
+    strategy reads back the entries of the parameters it holds.
+    """
     msd, osd = get_state_dict(model, optimizer)
+    osd = {**osd, "param_groups": _groups_by_fqn(osd["param_groups"])}
     state = {"model": msd, "optim": osd}
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
@@ -106,7 +115,9 @@ def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, s
         dcp.load(state, storage_reader=FsspecReader(uri, **storage.storage_options(uri)))
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise CheckpointError(f"{uri}: cannot load into this model: {_short(e)}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    live_groups = get_state_dict(model, optimizer)[1]["param_groups"]
+    optim = {**state["optim"], "param_groups": _groups_from_fqn(state["optim"]["param_groups"], live_groups)}
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim)
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     path = storage.join(store.path_for(record.step), rank_file(dist.get_rank()))
@@ -114,6 +125,19 @@ def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, s
         return None  # saved with fewer ranks
     with store.fs.open(path, "rb") as f:
         return torch.load(f, weights_only=False)
+
+
+def _groups_by_fqn(groups: list[dict]) -> dict:
+    return {fqn: {k: v for k, v in g.items() if k != "params"} for g in groups for fqn in g["params"]}
+
+
+def _groups_from_fqn(by_fqn: dict, live: list[dict]) -> list[dict]:
+    """torch's list of param groups, shaped like the live optimizer's, with the loaded values."""
+    out = []
+    for g in live:
+        loaded = by_fqn.get(g["params"][0], {}) if g["params"] else {}
+        out.append({**g, **loaded, "params": g["params"]})
+    return out
 
 
 def consolidate(record: CommitRecord) -> dict:

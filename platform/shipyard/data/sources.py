@@ -1,4 +1,5 @@
-"""Where `shipyard data shard` reads from: tabular files (Parquet, CSV, Arrow) or a built-in dataset.
+"""Where `shipyard data shard` reads from: tabular files (Parquet, CSV, Arrow), text files as
+byte-level token blocks (``text:GLOB``), or a built-in dataset.
 
 Every source is a schema plus an iterator of record batches, so a large source is streamed,
 never held in memory whole.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +34,8 @@ class Source:
 def open_source(src: str) -> Source:
     if src.startswith("sklearn:"):
         return _sklearn(src)
+    if src.startswith("text:"):
+        return _text(src)
     fs, path = storage.filesystem(src)
     if not fs.exists(path):
         raise DataError(f"{src}: source does not exist")
@@ -118,3 +123,53 @@ def _sklearn(src: str) -> Source:
         "y": pa.array(d.target[ids], pa.int64()),
     })
     return Source(src, table.schema, table.num_rows, iter(table.to_batches()))
+
+
+TEXT_BLOCK = 257  # 256 tokens of context plus the next-token target of the last one
+_TEXT_OPTION = re.compile(r"^(?P<key>block)=(?P<value>\d+)$")
+
+
+def _text(src: str) -> Source:
+    """``text:GLOB[:block=N]``: text files as byte-level language-model rows.
+
+    The files matching GLOB (any URI; ``**`` recurses), in sorted path order, are read as bytes
+    and joined with a 0 byte between documents (source text has none, so it marks a document
+    boundary). The stream is cut into non-overlapping blocks of ``block`` tokens (default 257:
+    a 256-token context plus one target); the incomplete last block is dropped. One column:
+    ``tokens``, a fixed-size list of ``block`` uint8 (the byte values are the token ids, vocab 256).
+    """
+    spec = src[len("text:"):]
+    block = TEXT_BLOCK
+    while ":" in spec and (m := _TEXT_OPTION.match(spec.rsplit(":", 1)[1])):
+        block = int(m["value"])
+        spec = spec.rsplit(":", 1)[0]
+    if block < 2:
+        raise DataError(f"{src}: block must be at least 2 tokens (a context and a target)")
+    fs, pattern = storage.filesystem(spec)
+    files = sorted(f for f in fs.glob(pattern) if fs.isfile(f))
+    if not files:
+        raise DataError(f"{src}: no files match {spec}")
+    total_bytes = sum(fs.size(f) for f in files) + len(files) - 1
+    schema = pa.schema([("tokens", pa.list_(pa.uint8(), block))])
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        rows_per_batch = 8192
+        buf = bytearray()
+        for i, path in enumerate(files):
+            if i:
+                buf += b"\0"
+            buf += fs.cat_file(path)
+            while len(buf) >= block * rows_per_batch:
+                yield _token_rows(bytes(buf[:block * rows_per_batch]), block, schema)
+                del buf[:block * rows_per_batch]
+        n = len(buf) // block
+        if n:
+            yield _token_rows(bytes(buf[:n * block]), block, schema)
+
+    return Source(f"{src} ({len(files)} file{'s' * (len(files) != 1)}, {total_bytes:,} bytes)", schema,
+                  total_bytes // block, batches())
+
+
+def _token_rows(data: bytes, block: int, schema: pa.Schema) -> pa.RecordBatch:
+    values = pa.array(np.frombuffer(data, dtype=np.uint8))
+    return pa.RecordBatch.from_arrays([pa.FixedSizeListArray.from_arrays(values, block)], schema=schema)

@@ -24,6 +24,7 @@ from shipyard.checkpoint.saver import Checkpointer, Saved
 from shipyard.data import ShardStream
 from shipyard.errors import UserError
 from shipyard.parallel import STRATEGIES
+from shipyard.parallel.mesh import parallel_dims
 from shipyard.runtime import preemption
 from shipyard.runtime.watchdog import Watchdog
 from shipyard.spec import JobSpec
@@ -43,11 +44,15 @@ class TrainContext:
         self.spec = spec
         self.config: dict[str, Any] = dict(spec.config)
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+        # Data is sharded over the data-parallel dimension only: tensor- and pipeline-parallel
+        # peers (which hold parts of one model replica) must read the same batches.
+        self.dims = parallel_dims(spec.strategy, world_size)
+        self.dp_rank, self.dp_world = self.dims.dp_rank(rank), self.dims.dp
         self.step = 0
         self._board = board
         self._model = self._optimizer = self._scheduler = None
         self._stream = ShardStream(
-            spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=rank, world=world_size,
+            spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=self.dp_rank, world=self.dp_world,
             seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs)
         self._store = CheckpointStore(spec.checkpoint.uri) if spec.checkpoint else None
         self._checkpointer: Checkpointer | None = None
@@ -107,7 +112,7 @@ class TrainContext:
         rank_state = ckpt.restore(self._store, record, model=self._model, optimizer=self._optimizer,
                                   scheduler=self._scheduler)
         # Every rank's data state, so that a different world size still resumes exactly.
-        self._stream.load_state_dict(record.data)
+        self._stream.load_state_dict(_data_states(record.data))
         if rank_state is not None:
             ckpt.set_rng_state(rank_state["rng"])
         self.step = self._saved_step = self._agree_at = self._agreed_step = record.step
@@ -123,7 +128,10 @@ class TrainContext:
         if self._model is None:
             raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.batches()")
         it = iter(self._stream)
+        first = self.step + 1
         while True:
+            if self.step == first:
+                self._push(force=True)  # this attempt's first step is done: its recovery time
             self._step_boundary()
             try:
                 batch = next(it)
@@ -142,10 +150,49 @@ class TrainContext:
         uri = self.spec.dataset.eval_uri
         if not uri:
             raise UserError("ctx.eval_batches(): dataset.eval_uri is not set in the job spec")
-        stream = ShardStream(uri, batch_size=batch_size or self.spec.dataset.batch_size, rank=self.rank,
-                             world=self.world_size, shuffle=False, drop_remainder=False)
+        stream = ShardStream(uri, batch_size=batch_size or self.spec.dataset.batch_size, rank=self.dp_rank,
+                             world=self.dp_world, shuffle=False, drop_remainder=False)
         for batch in stream:
             yield _to_device(batch, self.device)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor,
+                   loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of one batch under any strategy; returns the loss, detached.
+
+        ``loss_fn(model(inputs), targets)`` must be a mean over the batch. Under ``pipeline`` the
+        model is cut into stages and a schedule runs the batch as microbatches through them: there
+        the schedule runs forward and backward, and the returned loss (the mean over microbatches,
+        sent from the last stage) is the same on every rank of a pipeline. Elsewhere this is
+        ``loss = loss_fn(model(inputs), targets); loss.backward()``. The loss is this data-parallel
+        rank's; the optimizer step (and ``clip_grad_norm_`` before it) stays in the user's loop.
+        """
+        if self._model is None:
+            raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.train_step()")
+        pipeline = getattr(self._model, "shipyard_pipeline", None)
+        if pipeline is not None:
+            return pipeline.step(inputs, targets, loss_fn)
+        loss = loss_fn(self._model(inputs), targets)
+        loss.backward()
+        return loss.detach()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients of the prepared model to a global 2-norm of ``max_norm`` (collective).
+
+        The norm is the whole model's under every strategy (FSDP/TP shards, pipeline stages; see
+        ``parallel/clip.py``); returns it (before clipping), equal on every rank. Call it after
+        backward (``ctx.train_step``) and before ``optimizer.step()``.
+        """
+        from shipyard.parallel.clip import clip_grad_norm_
+
+        if self._model is None:
+            raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.clip_grad_norm_()")
+        if self.spec.strategy.kind == "horovod":
+            # Horovod averages gradients inside optimizer.step(); clip what it averaged. Its step
+            # then averages the (already equal) clipped gradients once more, with a warning.
+            self._optimizer.synchronize()
+        pipeline = getattr(self._model, "shipyard_pipeline", None)
+        return clip_grad_norm_(self._model.parameters(), max_norm,
+                               pp_group=pipeline.pp_group if pipeline is not None else None)
 
     def report(self, **metrics: Any) -> None:
         """Record metrics for this step (tensors are fine: they are read only when sent)."""
@@ -264,8 +311,19 @@ class TrainContext:
         if retries:
             metrics["s3_retries"] = retries  # transient S3 errors this rank's reads and writes absorbed
         self._board.update.remote(step=self.step, total=self.total_steps, epoch=self.epoch,
-                                  samples_per_step=self.spec.dataset.batch_size * self.world_size,
+                                  samples_per_step=self.spec.dataset.batch_size * self.dp_world,
                                   metrics=metrics, event=event, **extra)
+
+
+def _data_states(states: list[dict]) -> list[dict]:
+    """One state per data-parallel rank: tensor/pipeline peers saved the same position."""
+    seen, out = set(), []
+    for s in states:
+        key = (s.get("world"), s.get("rank"))
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -6,6 +6,7 @@ function as their Ray job entrypoint, so both behave alike.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +53,10 @@ def connect(spec: JobSpec, settings: Settings) -> bool:
     """Join RAY_ADDRESS if set, else start a private local Ray. Returns whether we started it."""
     if ray.is_initialized():
         return False
-    runtime_env = {"working_dir": spec.workdir, "env_vars": {**forwarded_env(), **spec.env}}
+    # Ray Train's controller polls worker health every 2 s by default; a dead worker is then seen
+    # 1 s late on average. Polling every 0.5 s costs one small actor call per worker.
+    controller_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    runtime_env = {"working_dir": spec.workdir, "env_vars": {**controller_env, **forwarded_env(), **spec.env}}
     if settings.ray_address:
         ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
         return False

@@ -218,6 +218,8 @@ def status(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = 
     step = f"step {job['step']}/{job['total_steps']}" if job.get("total_steps") else ""
     console.print(f"[bold]{job['id']}[/bold] {job['name']} ({job['tenant']}, priority {job['priority']}): "
                   f"[bold]{job['state']}[/bold] {step}", highlight=False)
+    if job.get("progress") is not None:
+        console.print(f"  progress: {_bar(job['progress'])}", highlight=False)
     for key in ("waiting", "cause", "message", "checkpoint"):
         if job.get(key):
             console.print(f"  {key}: {job[key]}", highlight=False)
@@ -232,6 +234,56 @@ def status(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = 
                       "" if a.get("steps_lost") is None else str(a["steps_lost"]),
                       "" if a.get("recovery_s") is None else f"{a['recovery_s']:.1f}s")
         console.print(t)
+
+
+def _bar(progress: float | None, width: int = 30) -> str:
+    if progress is None:
+        return ""
+    done = round(max(0.0, min(1.0, progress)) * width)
+    return f"[green]{'█' * done}[/green][dim]{'░' * (width - done)}[/dim] {progress * 100:3.0f}%"
+
+
+@app.command()
+def top(interval: Annotated[float, typer.Option(help="seconds between refreshes (at least 1)", min=1.0)] = 2.0,
+        all_: Annotated[bool, typer.Option("--all", help="also queued jobs, not only running ones")] = False,
+        url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """A live view of running jobs: progress, latest metrics, attempts. q or Ctrl-C quits."""
+    import select
+    import termios
+    import time
+    import tty
+
+    from rich.live import Live
+
+    states = "ADMITTED,RUNNING,RESTARTING" + (",QUEUED,PREEMPTED" if all_ else "")
+
+    def frame(c) -> Table:
+        t = Table("id", "name", "tenant", "state", "progress", "step", "metrics", "attempts", "lost",
+                  title=f"shipyard top ({c.url}, every {interval:g}s; q quits)", title_justify="left")
+        for j in c.list(state=states, limit=50)["items"]:
+            d = c.get(j["id"])  # at most 50 jobs per refresh, once every >= 1 s: bounded load
+            metrics = "  ".join(f"{k}={v:.4g}" for k, v in list(d["metrics"].items())[:3] if v is not None)
+            t.add_row(j["id"], j["name"], j["tenant"], j["state"], _bar(j.get("progress"), 15),
+                      f"{j.get('step') or 0}/{j.get('total_steps') or '?'}", metrics, str(len(d["attempts"])),
+                      str(sum(a.get("steps_lost") or 0 for a in d["attempts"])))
+        return t
+
+    tty_in = sys.stdin.isatty()
+    saved = termios.tcgetattr(sys.stdin) if tty_in else None
+    try:
+        if tty_in:
+            tty.setcbreak(sys.stdin.fileno())
+        with _client(url, token) as c, Live(frame(c), console=console, auto_refresh=False) as live:
+            while True:
+                ready = select.select([sys.stdin], [], [], interval)[0] if tty_in else time.sleep(interval)
+                if ready and sys.stdin.read(1).lower() == "q":
+                    return
+                live.update(frame(c), refresh=True)
+    except KeyboardInterrupt:
+        return
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
 
 
 @app.command("list")

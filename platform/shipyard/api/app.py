@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 
-from shipyard.api import errors, routes_jobs, routes_ops, routes_report
+from shipyard.api import dashboard, errors, routes_jobs, routes_ops, routes_report
 from shipyard.api.metrics import ServerMetrics
 
 MAX_BODY_BYTES = 1 << 20
@@ -54,5 +54,6 @@ def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig()) 
     app.include_router(routes_jobs.router, prefix="/v1")
     app.include_router(routes_report.router, prefix="/v1")
     app.include_router(routes_ops.router)
+    dashboard.install(app)
     routes_jobs._register_spec_schema(app)
     return app

@@ -26,6 +26,7 @@ driver exits at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -80,7 +81,9 @@ class Session:
         with self._lock:
             self._latest = snapshot
             step = int(snapshot.get("step") or 0)
-            metrics = {k: v for k, v in (snapshot.get("metrics") or {}).items() if isinstance(v, (int, float))}
+            # A diverged loss is NaN or inf, which JSON cannot carry: sent as null (a gap in the chart).
+            metrics = {k: (v if math.isfinite(v) else None) for k, v in (snapshot.get("metrics") or {}).items()
+                       if isinstance(v, (int, float))}
             if metrics and step != self._last_point_step:
                 self._points.append((step, time.time(), metrics))
                 self._last_point_step = step

@@ -102,6 +102,18 @@ def ray_address(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """scikit-learn's digits as local shards of 300 rows, written once per session by the real
+    `shipyard data shard`: ``<dir>/train`` (1,438 rows) and ``<dir>/test``."""
+    data = tmp_path_factory.mktemp("digits")
+    exe = Path(sys.executable).parent / "shipyard"
+    for split in ("train", "test"):
+        subprocess.run([str(exe), "data", "shard", f"sklearn:digits:{split}", str(data / split),
+                        "--rows-per-shard", "300"], check=True, capture_output=True)
+    return data
+
+
 @pytest.fixture
 def cli_env(tmp_path):
     """Environment for running the `shipyard` command as a subprocess."""

@@ -13,16 +13,9 @@ JOB = str(Path(__file__).parent / "jobs" / "record_ids" / "job.yaml")
 STEPS = 92  # 1,438 rows / 2 ranks / 32 per batch = 23 steps per epoch, 4 epochs
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    import subprocess
-    import sys
-
-    data = tmp_path_factory.mktemp("data") / "digits"
-    exe = Path(sys.executable).parent / "shipyard"
-    subprocess.run([str(exe), "data", "shard", "sklearn:digits:train", str(data), "--rows-per-shard", "300"],
-                   check=True, capture_output=True)
-    return data
+@pytest.fixture
+def digits(digits_shards):
+    return digits_shards / "train"
 
 
 def run(shipyard, ray_address, data, tmp_path, name, *extra):

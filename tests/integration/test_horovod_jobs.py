@@ -25,17 +25,9 @@ def accuracy(output: str) -> float:
     return float(found[-1])
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    import subprocess
-    import sys
-
-    data = tmp_path_factory.mktemp("data")
-    exe = Path(sys.executable).parent / "shipyard"
-    for split in ("train", "test"):
-        subprocess.run([str(exe), "data", "shard", f"sklearn:digits:{split}", str(data / split),
-                        "--rows-per-shard", "300"], check=True, capture_output=True)
-    return data
+@pytest.fixture
+def digits(digits_shards):
+    return digits_shards
 
 
 def test_digits_on_horovod_trains_as_well_as_on_ddp(shipyard, ray_address, digits, tmp_path):

@@ -45,7 +45,8 @@ def run(
     from shipyard.spec import load_spec
 
     spec = load_spec(spec_file, set_)
-    console.print(f"[bold]{spec.name}[/bold]: {spec.workers.count} workers x {spec.workers.cpus:g} CPU"
+    w = spec.workers
+    console.print(f"[bold]{spec.name}[/bold]: {f'{w.min}-{w.count} (elastic)' if w.elastic else w.count} workers x {spec.workers.cpus:g} CPU"
                   f"{f' + {spec.workers.gpus:g} GPU' if spec.workers.gpus else ''}, strategy {spec.strategy.kind}, "
                   f"data {spec.dataset.uri}")
     # A submitted job (the backend set SHIPYARD_REPORT_URL) also reports to the server and turns
@@ -246,6 +247,7 @@ def _bar(progress: float | None, width: int = 30) -> str:
 @app.command()
 def top(interval: Annotated[float, typer.Option(help="seconds between refreshes (at least 1)", min=1.0)] = 2.0,
         all_: Annotated[bool, typer.Option("--all", help="also queued jobs, not only running ones")] = False,
+        once: Annotated[bool, typer.Option("--once", help="print one frame and exit (scripts, logs)")] = False,
         url: UrlOpt = None, token: TokenOpt = None) -> None:
     """A live view of running jobs: progress, latest metrics, attempts. q or Ctrl-C quits."""
     import select
@@ -255,19 +257,27 @@ def top(interval: Annotated[float, typer.Option(help="seconds between refreshes 
 
     from rich.live import Live
 
+    from shipyard.runtime.meter import BUILTIN
+
     states = "ADMITTED,RUNNING,RESTARTING" + (",QUEUED,PREEMPTED" if all_ else "")
 
     def frame(c) -> Table:
         t = Table("id", "name", "tenant", "state", "progress", "step", "metrics", "attempts", "lost",
-                  title=f"shipyard top ({c.url}, every {interval:g}s; q quits)", title_justify="left")
+                  title=f"shipyard top ({c.url}{'' if once else f', every {interval:g}s; q quits'})",
+                  title_justify="left")
         for j in c.list(state=states, limit=50)["items"]:
             d = c.get(j["id"])  # at most 50 jobs per refresh, once every >= 1 s: bounded load
-            metrics = "  ".join(f"{k}={v:.4g}" for k, v in list(d["metrics"].items())[:3] if v is not None)
+            shown = sorted((k for k, v in d["metrics"].items() if v is not None), key=lambda k: k in BUILTIN)[:3]
+            metrics = "  ".join(f"{k}={d['metrics'][k]:.4g}" for k in shown)
             t.add_row(j["id"], j["name"], j["tenant"], j["state"], _bar(j.get("progress"), 15),
                       f"{j.get('step') or 0}/{j.get('total_steps') or '?'}", metrics, str(len(d["attempts"])),
                       str(sum(a.get("steps_lost") or 0 for a in d["attempts"])))
         return t
 
+    if once:
+        with _client(url, token) as c:
+            console.print(frame(c))
+        return
     tty_in = sys.stdin.isatty()
     saved = termios.tcgetattr(sys.stdin) if tty_in else None
     try:

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from shipyard.runtime.launcher import RunResult
+from shipyard.runtime.meter import BUILTIN
 from shipyard.runtime.progress import Rate
 from shipyard.spec import JobSpec
 
@@ -39,10 +40,16 @@ class RunView:
         self.progress.__exit__(*exc)
 
     def info(self, snap: dict) -> str:
-        parts = [f"{k}={_fmt(v)}" for k, v in snap.get("metrics", {}).items()][:4]
-        sps = self.rate.per_second
+        """The user's first metrics, then throughput (the built-in rates when reported)."""
+        metrics = snap.get("metrics", {})
+        parts = [f"{k}={_fmt(v)}" for k, v in metrics.items() if k not in BUILTIN][:4]
+        sps = metrics.get("samples_per_s")
+        if not sps and self.rate.per_second:
+            sps = self.rate.per_second * snap.get("samples_per_step", 0)
         if sps:
-            parts.append(f"{sps * snap.get('samples_per_step', 0):,.0f} samples/s")
+            parts.append(f"{sps:,.0f} samples/s")
+        if metrics.get("tokens_per_s"):
+            parts.append(f"{metrics['tokens_per_s']:,.0f} tokens/s")
         return "  ".join(parts)
 
     def update(self, snap: dict) -> None:
@@ -77,7 +84,7 @@ class RunView:
         metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in snap.get("metrics", {}).items())
         if result.ok:
             self.console.print(f"[green]✓[/green] {self.spec.name} finished: step {snap.get('step', 0)}/"
-                               f"{snap.get('total', 0)} in {result.seconds:.1f}s, {self.spec.workers.count} workers, "
+                               f"{snap.get('total', 0)} in {result.seconds:.1f}s, {_workers(self.spec, snap)} workers, "
                                f"{attempts} attempt{'s' * (attempts > 1)}{self.throughput(snap)}", highlight=False)
         else:
             self.console.print(f"[red]✗[/red] {self.spec.name} failed at step {snap.get('step', 0)} after "
@@ -95,6 +102,13 @@ class RunView:
             self.console.print(f"  checkpoints: {self.spec.checkpoint.uri}")
 
 
+def _workers(spec, snap: dict) -> str:
+    """The last attempt's world ("2"), or for an elastic job that changed size, every size ("2->1->2")."""
+    worlds = [a["world"] for a in snap.get("attempts", []) if a.get("world")]
+    sizes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
+    return "->".join(map(str, sizes)) if sizes else str(spec.workers.count)
+
+
 def attempt_lines(attempts: list[dict]) -> list[str]:
     """One line per attempt: when, how it ended, the steps it ran, committed and lost."""
     if not attempts:
@@ -105,6 +119,8 @@ def attempt_lines(attempts: list[dict]) -> list[str]:
         end = f"{a['end'] - t0:.1f}s" if a.get("end") else "now"
         how = {"finished": "finished", None: "running"}.get(a.get("kind"), f"{a.get('kind')}: {a.get('cause')}")
         steps = f"steps {a.get('start_step') or 0}->{a.get('last_step', 0)}"
+        if a.get("world"):
+            steps = f"{a['world']} worker{'s' * (a['world'] > 1)}, {steps}"
         if a.get("committed_step") is not None:
             steps += f", committed {a['committed_step']}"
         if a.get("steps_lost") is not None and a.get("kind") != "finished":

@@ -29,12 +29,47 @@ _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "
 
 
 class Workers(_Model):
-    count: int = Field(2, ge=1, le=4096, description="number of training processes (ranks)")
+    """A fixed gang (``count``) or an elastic range (``min``..``max``): an elastic job starts with as
+    many workers as fit, up to ``max``, and after a lost worker or node goes on with as few as
+    ``min`` instead of waiting; it grows back when capacity returns. Each change of size resumes from
+    a checkpoint and the data stream repartitions exactly, so no sample is skipped or repeated."""
+
+    count: int = Field(2, ge=1, le=4096, description="number of training processes (ranks); the most, for an elastic job")
     cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     gpus: float = Field(0.0, ge=0, description="GPUs per worker; > 0 selects CUDA + NCCL")
     memory: str | None = Field(None, description="memory per worker, a Kubernetes quantity such as 8Gi or 512M; "
                                                  "reserved in Ray and requested from Kubernetes")
     pool: str | None = Field(None, description="node pool for the workers on Kubernetes (a name from the server's config)")
+    min: int | None = Field(None, ge=1, le=4096, description="elastic: the fewest workers the job runs with")
+    max: int | None = Field(None, ge=1, le=4096, description="elastic: the most workers (sets workers.count)")
+    resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often a running job checks whether "
+                                                             "more workers fit (growing costs a checkpoint and a restart)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or (data.get("min") is None and data.get("max") is None):
+            return data
+        if data.get("min") is None or data.get("max") is None:
+            raise ValueError("an elastic range needs both min and max, e.g. workers: {min: 2, max: 4}")
+        if data.get("count") is not None and data["count"] != data["max"]:
+            raise ValueError("give a fixed count or an elastic min/max range, not both")
+        return {**data, "count": data["max"]}
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "Workers":
+        if self.min is not None and self.min > self.count:
+            raise ValueError(f"min ({self.min}) is more than max ({self.count})")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min is not None and self.min < self.count
+
+    @property
+    def fewest(self) -> int:
+        """The smallest world the job may run at (``count`` unless elastic)."""
+        return self.min if self.elastic else self.count
 
     @field_validator("memory")
     @classmethod
@@ -106,6 +141,9 @@ class HybridStrategy(_Model):
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
 
 
+# Strategies whose only mesh dimension is data parallel, so any world size works.
+ELASTIC_STRATEGIES = ("ddp", "horovod", "fsdp")
+
 Strategy = DDPStrategy | HorovodStrategy | FSDPStrategy | TensorStrategy | PipelineStrategy | HybridStrategy
 
 
@@ -128,6 +166,30 @@ class Checkpoint(_Model):
     preemption_grace_s: float = Field(30.0, gt=0, description="after SIGTERM to a worker, seconds to commit a checkpoint before exiting")
 
 
+class Metrics(_Model):
+    """What the platform records besides ``ctx.report``; built-in metrics are always measured."""
+
+    tensorboard: bool = Field(False, description="rank 0 also writes TensorBoard event files: every reported "
+                                                 "metric and the built-ins, one point per step")
+    tensorboard_dir: str | None = Field(None, description="where event files go: a local path (relative to the spec "
+                                                          "file) or file://; default <SHIPYARD_HOME>/tensorboard/<name> "
+                                                          "on rank 0's node")
+    tokens_key: str | None = Field(None, description="batch key whose element count is a step's tokens (tokens_per_s); "
+                                                     "default: the first 2-D integer tensor in the batch")
+
+    @field_validator("tensorboard_dir")
+    @classmethod
+    def _local_dir(cls, v: str | None, info) -> str | None:
+        if v is None:
+            return v
+        if is_remote_uri(v):
+            raise ValueError("must be a local path or file://; TensorBoard event files cannot be written to "
+                             "object storage yet (write them to a mounted volume)")
+        if not info.data.get("tensorboard"):
+            raise ValueError("is set but metrics.tensorboard is false; set metrics.tensorboard: true")
+        return v
+
+
 class JobSpec(_Model):
     name: str = Field(description="lower-case letters, digits and '-', at most 63 characters")
     entrypoint: str = Field(description="`file.py:function` (relative to workdir) or `module:function`")
@@ -138,6 +200,7 @@ class JobSpec(_Model):
     priority: int = Field(0, ge=-1000, le=1000, description="queue priority; higher runs first and may preempt lower")
     dataset: Dataset
     checkpoint: Checkpoint | None = None
+    metrics: Metrics = Metrics()
     max_failures: int = Field(0, ge=-1, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
     stall_timeout_s: float | None = Field(600.0, gt=0, description="a rank that finishes no step for this long fails the attempt (it restarts from the last checkpoint); null turns detection off")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for the workers")
@@ -169,6 +232,13 @@ class JobSpec(_Model):
         """The device mesh is cut from ``workers.count``; a strategy that does not divide it fails here."""
         from shipyard.parallel.mesh import MeshError, parallel_dims
 
+        if self.workers.elastic and self.checkpoint is None:
+            raise ValueError("workers.min: an elastic job resumes from a checkpoint whenever its size changes; "
+                             "add a checkpoint section (checkpoint: {uri: ...}) or give a fixed workers.count")
+        if self.workers.elastic and self.strategy.kind not in ELASTIC_STRATEGIES:
+            raise ValueError(f"workers.min: strategy {self.strategy.kind!r} cuts a fixed device mesh from "
+                             f"workers.count and cannot change size; elastic ranges work with "
+                             f"{', '.join(ELASTIC_STRATEGIES)} (or give a fixed workers.count)")
         try:
             parallel_dims(self.strategy, self.workers.count)
         except MeshError as e:
@@ -288,6 +358,9 @@ def spec_from_dict(raw: Any, source: str = "spec", base: Path | None = None) -> 
     })
     if spec.checkpoint is not None:
         update["checkpoint"] = spec.checkpoint.model_copy(update={"uri": _resolve_path(spec.checkpoint.uri, base)})
+    if spec.metrics.tensorboard_dir is not None:
+        update["metrics"] = spec.metrics.model_copy(
+            update={"tensorboard_dir": _resolve_path(spec.metrics.tensorboard_dir.removeprefix("file://"), base)})
     return spec.model_copy(update=update)
 
 

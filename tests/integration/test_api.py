@@ -181,3 +181,76 @@ def test_prometheus_metrics_have_bounded_labels(api):
     assert 'shipyard_jobs{state="QUEUED"} 1.0' in text
     assert "shipyard_submissions_total 1.0" in text
     assert job not in text  # ids never become label values
+
+
+SERVE = """
+import sys, uvicorn
+from shipyard.api import ApiConfig, create_app
+from shipyard.store import Store
+store = Store.open(sys.argv[1])
+uvicorn.run(create_app(store, config=ApiConfig(report_key=b"k")), host="127.0.0.1", port=int(sys.argv[2]),
+            log_level="warning")
+"""
+
+
+def test_every_acknowledged_submit_survives_a_kill_9_of_the_server_under_concurrent_load(fresh_database_url):
+    """201 only after the commit, with concurrent submits sharing commits: SIGKILL the server
+    while 20 clients submit; every id it answered 201 for is in the store afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    from conftest import free_port
+
+    with Store.open(fresh_database_url) as store:
+        store.create_tenant("a")
+        token = store.create_token("a")[0]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, fresh_database_url, str(port)])
+    base, acked, stop = f"http://127.0.0.1:{port}", [], threading.Event()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+
+        def client(i: int) -> None:
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c:
+                while not stop.is_set():
+                    try:
+                        r = c.post("/v1/jobs", json=spec(f"k{i}"))
+                    except httpx.HTTPError:
+                        return  # the server died mid-request: not acknowledged
+                    assert r.status_code == 201, r.text
+                    acked.append(r.json()["id"])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        while len(acked) < 200:
+            assert proc.poll() is None and all(t.is_alive() for t in threads)
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        stop.set()
+        for t in threads:
+            t.join(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    stored, cursor = set(), None
+    with Store.open(fresh_database_url) as store:
+        while True:
+            page = store.list_jobs(limit=1000, cursor=cursor)
+            stored |= {j.id for j in page.items}
+            if (cursor := page.next_cursor) is None:
+                break
+    assert len(acked) >= 200 and set(acked) <= stored, (len(acked), len(set(acked) - stored))

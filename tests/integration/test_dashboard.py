@@ -170,3 +170,34 @@ def test_dashboard_shows_loss_chart_and_the_failed_attempt(server, tmp_path):
         d.save_screenshot(str(shot))
         print(f"dashboard screenshot: {shot}")
         d.quit()
+
+
+def test_shipyard_top_once_shows_the_running_job_with_its_progress_and_built_in_metrics(server, shipyard):
+    """`shipyard top` is the dashboard's terminal version: the real command, one frame, against
+    the same real server; only the running job is listed, with its progress and metrics."""
+    from shipyard.api.auth import report_token
+    from shipyard.store import JobState as S
+
+    url, token, store = server
+    finished, _ = seed_finished_job_with_one_failure(url, token, store)
+    spec = {"name": "lm-top", "entrypoint": "train.py:train", "dataset": {"uri": "/data/lm"}}
+    job_id = httpx.post(f"{url}/v1/jobs", json=spec, headers={"Authorization": f"Bearer {token}"}).json()["id"]
+    store.transition(job_id, S.QUEUED, S.ADMITTED, backend_handle="raysubmit_2")
+    t0 = time.time() - 60
+    builtins = {"step_time_s": 0.25, "data_wait_s": 0.01, "samples_per_s": 256.0, "tokens_per_s": 65536.0}
+    points = [(s, t0 + s, {"loss": 4.0 / s, **builtins}) for s in range(1, 41)]
+    body = {"submission": "raysubmit_2", "step": 40, "total": 100, "metrics": points,
+            "attempts": [{"number": 1, "start": t0, "start_step": 0, "last_step": 40}]}
+    r = httpx.post(f"{url}/v1/jobs/{job_id}/report", json=body,
+                   headers={"Authorization": f"Bearer {report_token(b'dashboard-test', job_id)}"})
+    assert r.json() == {"ok": True, "state": "RUNNING"}, r.text
+
+    r = shipyard("top", "--once", "--url", url, "--token", token, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = next(line for line in r.stdout.splitlines() if job_id in line)
+    assert "lm-top" in row and "RUNNING" in row and "40/100" in row and "40%" in row, r.stdout
+    assert row.index("loss=0.1") < row.index("step_time_s=0.25"), row  # the job's own metrics first
+    assert finished not in r.stdout and "q quits" not in r.stdout
+    # The same built-ins are per-job Prometheus gauges while the job runs.
+    text = httpx.get(f"{url}/metrics").text
+    assert f'shipyard_job_metric{{job="{job_id}",metric="samples_per_s",name="lm-top",tenant="team"}} 256.0' in text

@@ -64,3 +64,4 @@ def test_killed_horovod_worker_resumes_to_the_weights_of_ddp(shipyard, ray_addre
     a, b = torch.load(reference / "final.pt"), torch.load(killed / "final.pt")
     for k in a:
         assert (a[k] - b[k]).abs().max().item() <= 1e-5, k
+

@@ -19,14 +19,24 @@ def accuracy(output: str) -> float:
     return float(found[-1])
 
 
-def test_digits_trains_checkpoints_to_s3_and_resumes(bucket, s3_endpoint, ray_address, shipyard):
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_digits_trains_checkpoints_to_s3_and_resumes(bucket, s3_endpoint, ray_address, shipyard, tmp_path):
     data, ckpt = f"s3://{bucket}/digits", f"s3://{bucket}/checkpoints/digits"
+    tb = tmp_path / "tb"
     for split in ("train", "test"):
         r = shipyard("data", "shard", f"sklearn:digits:{split}", f"{data}/{split}", "--rows-per-shard", "400")
         assert r.returncode == 0, r.stderr
 
     common = ["--set", f"dataset.uri={data}/train", "--set", f"dataset.eval_uri={data}/test",
-              "--set", f"checkpoint.uri={ckpt}", "--set", "checkpoint.keep_last=2"]
+              "--set", f"checkpoint.uri={ckpt}", "--set", "checkpoint.keep_last=2",
+              "--set", "metrics.tensorboard=true", "--set", f"metrics.tensorboard_dir={tb}"]
     env = {"RAY_ADDRESS": ray_address}
     # First run: half the epochs (23 steps per epoch with 2 workers x 32 rows).
     first = shipyard("run", JOB, *common, "--set", "dataset.epochs=15", env=env)
@@ -49,6 +59,15 @@ def test_digits_trains_checkpoints_to_s3_and_resumes(bucket, s3_endpoint, ray_ad
     assert "step 690/690" in second.stdout
     assert accuracy(second.stdout) >= 0.95
     assert fs.exists(f"{bucket}/checkpoints/digits/step-000000690/COMMIT.json")
+    # Built-in metrics in the run's summary, and TensorBoard event files across both runs: one
+    # point per step for the reported loss and the measured step time, each step once.
+    assert re.search(r"step_time_s=[0-9.e-]+ .*samples_per_s=", second.stdout), second.stdout
+    scalars = tensorboard_scalars(tb)
+    for tag in ("loss", "step_time_s", "data_wait_s"):
+        assert [s for s, _ in scalars[tag]] == list(range(1, 691)), tag
+    assert scalars["accuracy"][-1] == (690, pytest.approx(accuracy(second.stdout), abs=1e-4))
+    assert {s for s, _ in scalars["checkpoint_blocked_s"]} >= {100, 200, 300, 345, 400, 690}
+    assert scalars["samples_per_s"] and all(v > 0 for _, v in scalars["samples_per_s"])
 
 
 def test_missing_dataset_uri_is_named_and_exits_2(bucket, s3_endpoint, shipyard):

@@ -117,6 +117,9 @@ def test_two_jobs_submitted_with_the_cli_both_succeed_with_attempts_and_metrics(
         assert job["checkpoint"].endswith("step-000000023")
         assert [c["step"] for c in job["checkpoints"] if c["committed"]][-1] == 23
         assert "loss" in job["metrics"] and client.metrics(job_id, ["loss"])
+        # Measured by the platform (the job reports only its loss), sent with the driver's reports.
+        assert {"step_time_s", "data_wait_s", "samples_per_s"} <= set(job["metrics"]), job["metrics"]
+        assert job["metrics"]["samples_per_s"] > 0 and client.metrics(job_id, ["step_time_s"])
         assert steps_run(out) == list(range(1, 24))
     r = cli(server, "status", a)
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout and "finished" in r.stdout, r.stdout + r.stderr
@@ -176,3 +179,53 @@ def test_cancelling_a_running_job_makes_its_workers_checkpoint_before_the_run_st
     latest = CheckpointStore(str(out / "ck")).latest()
     assert latest is not None and latest.step >= 5  # saved on SIGTERM: every_steps=1000 was never reached
     assert latest.step in steps_run(out)
+
+
+def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_checkpoint_afterwards(
+        server, digits, tmp_path):
+    """Preempt -> requeue -> resume with the real scheduler on the session's Ray head (4 CPUs).
+
+    The low job (priority 0) takes all 4 CPUs; the high one (priority 10) needs 2. The loop
+    preempts the low one (its driver SIGTERMs the workers, which checkpoint at the step they are
+    at), requeues it, runs the high one, then re-admits the low one, which resumes from that
+    checkpoint: every step runs exactly once across its two runs."""
+    from shipyard.client import Client
+
+    client = Client(server.url, server.token)
+    low_out, high_out = tmp_path / "low", tmp_path / "high"
+    # every_steps=1000 is never reached: the only checkpoints are the preemption's and the final one.
+    low = submit(server, digits, low_out, "--set", "dataset.epochs=20", "--set", "workers.cpus=2",
+                 "--set", "checkpoint.every_steps=1000", "--set", "name=low")
+    deadline = time.monotonic() + 120
+    while not (low_out / "rank0.jsonl").exists() or len(steps_run(low_out)) < 5:
+        assert time.monotonic() < deadline, json.dumps(client.get(low))[:3000]
+        time.sleep(0.2)
+    high = submit(server, digits, high_out, "--set", "priority=10", "--set", "name=high")
+
+    done = wait(client, high, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=150)
+    assert done["state"] == "SUCCEEDED", json.dumps(done)[:3000]
+    assert [(a["number"], a["kind"]) for a in done["attempts"]] == [(1, "finished")]
+    assert steps_run(high_out) == list(range(1, 24))
+
+    job = wait(client, low, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=150)
+    assert job["state"] == "SUCCEEDED", json.dumps(job)[:3000]
+    states = [e["message"].split(":")[0] for e in job["events"] if e["kind"] == "state"]
+    assert states == ["QUEUED -> ADMITTED", "ADMITTED -> RUNNING", "RUNNING -> PREEMPTED (preempted)",
+                      "PREEMPTED -> QUEUED (preempted)", "QUEUED -> ADMITTED", "ADMITTED -> RUNNING",
+                      "RUNNING -> SUCCEEDED"], states
+    first, second = job["attempts"]
+    assert (first["kind"], first["run"], second["kind"], second["run"]) == (
+        "preempted", f"shipyard-{low}-1", "finished", f"shipyard-{low}-2"), job["attempts"]
+    # The workers checkpointed on the preemption notice; the second run resumed from there.
+    assert first["committed_step"] and second["start_step"] == first["committed_step"] > 0, job["attempts"]
+    assert not first["steps_lost"]
+    total = job["total_steps"]
+    assert steps_run(low_out) == list(range(1, total + 1))  # no step twice, none lost
+    committed = [c["step"] for c in job["checkpoints"] if c["committed"]]
+    assert committed == [first["committed_step"], total], committed
+    # The high job started once the low one had stopped; the low one came back only once the
+    # high one's workers were done (its driver may still be saying goodbye: that holds no CPU).
+    state_at = [(e["message"].split(":")[0], e["at"]) for e in job["events"] if e["kind"] == "state"]
+    requeued = next(t for m, t in state_at if m.startswith("PREEMPTED -> QUEUED"))
+    readmitted = [t for m, t in state_at if m == "QUEUED -> ADMITTED"][-1]
+    assert requeued <= done["started_at"] and done["attempts"][-1]["ended_at"] <= readmitted, (state_at, done)

@@ -75,7 +75,8 @@ def test_added_job_is_queued_and_readable_by_a_new_connection(store, fresh_datab
     with Store.open(fresh_database_url) as other:  # what another process sees after add_job returned
         got = other.get_job(job.id)
     assert (got.state, got.priority, got.tenant, got.submitted_at) == (S.QUEUED, 5, "a", T0)
-    assert got.spec["workers"] == {"count": 2, "cpus": 1.0, "gpus": 1.0, "memory": None, "pool": None}
+    assert got.spec["workers"] == {"count": 2, "cpus": 1.0, "gpus": 1.0, "memory": None, "pool": None,
+                                   "min": None, "max": None, "resize_interval_s": 60.0}
     assert [e.kind for e in store.events(job.id)] == ["submitted"]
 
 
@@ -231,6 +232,20 @@ def test_metrics_append_and_query(store):
         store.append_metrics(j.id, 70, {"acc": "high"})
 
 
+def test_a_report_past_the_limit_keeps_recent_rows_and_averages_older_ones(store):
+    """store/metrics.py's downsampling on this backend, inside the report's transaction."""
+    from shipyard.store.metrics import OLD_BUCKETS, RECENT_POINTS
+
+    j = store.add_job("a", spec())
+    points = [(s, 1.7e9 + s, {"loss": 1.0, **({"eval": 2.0} if s % 500 == 0 else {})}) for s in range(3000)]
+    store.record_report(j.id, "run-1", step=2999, metrics=points)
+    series = store.metrics(j.id)
+    assert len(series) <= OLD_BUCKETS + RECENT_POINTS
+    assert [p.step for p in series[-RECENT_POINTS:]] == list(range(2800, 3000))
+    assert series[0].step == 0 and all(p.values["loss"] == 1.0 for p in series)
+    assert [p.values["eval"] for p in series if "eval" in p.values] == [2.0] * 6  # steps 0, 500, ..., 2500
+
+
 # -- tenants and tokens ---------------------------------------------------------------------
 
 def test_tokens_are_stored_hashed_and_can_be_revoked(store):
@@ -259,3 +274,55 @@ def test_tenant_quotas_crud_and_delete_refused_while_jobs_exist(store):
     store.create_token("b")
     store.delete_tenant("b")
     assert [t.name for t in store.list_tenants()] == ["a"] and store.list_tokens("b") == []
+
+
+# -- group commit and the token cache -------------------------------------------------------
+
+def test_a_batch_of_submissions_is_one_commit_and_a_bad_one_fails_alone(store, fresh_database_url):
+    from shipyard.store.submits import GroupCommit, Submission
+
+    body = spec().model_dump(mode="json")
+    subs = [Submission(t, "train", body, 0, T0) for t in ("a", "nobody", "b")]
+    subs.append(Submission("a", "train", body, 0, T0, id=subs[0].id))  # a duplicate id: the batch fails
+    commits = GroupCommit(store._writer)
+    for s in subs:
+        assert s.future.set_running_or_notify_cancel()
+    commits._commit(subs)  # as the writer thread does with what it found queued
+    first = subs[0].future.result()
+    assert first.state is S.QUEUED and first.seq > 0
+    with pytest.raises(TenantNotFound):
+        subs[1].future.result()
+    assert subs[2].future.result().tenant == "b"
+    assert subs[3].future.exception() is not None  # the duplicate alone failed, retried on its own
+    with Store.open(fresh_database_url) as other:
+        assert other.get_job(first.id).tenant == "a" and other.get_job(subs[2].id).tenant == "b"
+        assert [e.kind for e in other.events(first.id)] == ["submitted"]
+
+
+def test_concurrent_add_jobs_share_commits_and_each_returns_its_own_job(store):
+    with ThreadPoolExecutor(32) as pool:
+        jobs = list(pool.map(lambda i: store.add_job("a", spec(f"g{i}"), priority=i % 3), range(200)))
+    assert sorted(j.name for j in jobs) == sorted(f"g{i}" for i in range(200))
+    assert len({j.seq for j in jobs}) == 200
+    for j in jobs[:20]:
+        got = store.get_job(j.id)
+        assert (got.name, got.priority, got.seq) == (j.name, j.priority, j.seq)
+    assert store._submits.jobs == 200 and store._submits.batches <= 200
+
+
+def test_cached_tokens_stop_working_at_once_when_revoked_here_and_within_max_age_elsewhere(store,
+                                                                                          fresh_database_url):
+    import time
+
+    secret, tok = store.create_token("a")
+    assert store.authenticate(secret, max_age_s=60) == tok
+    store.revoke_token(tok.id)  # through this store: the cache is dropped
+    assert store.authenticate(secret, max_age_s=60) is None
+    secret, tok = store.create_token("a")
+    assert store.authenticate(secret, max_age_s=0.5) == tok
+    with Store.open(fresh_database_url) as other:  # `shipyard admin` in another process
+        other.revoke_token(tok.id)
+    assert store.authenticate(secret, max_age_s=0.5) == tok  # still cached
+    time.sleep(0.6)
+    assert store.authenticate(secret, max_age_s=0.5) is None
+    assert store.authenticate(secret, max_age_s=0.5) is None  # revoked answers are never cached

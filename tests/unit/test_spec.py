@@ -95,3 +95,32 @@ def test_cli_bad_spec_exits_2_with_one_line_and_no_traceback(tmp_path, shipyard)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {path}: workers.count: got 0; input should be greater than or equal to 1")
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_elastic_range_sets_count_to_max_and_round_trips(tmp_path):
+    spec = load_spec(write_spec(tmp_path, workers={"min": 1, "max": 4, "cpus": 1}))
+    assert spec.workers.elastic and spec.workers.count == 4 and spec.workers.fewest == 1
+    again = type(spec).model_validate(spec.model_dump(mode="json"))  # as the workers receive it
+    assert again.workers == spec.workers
+    fixed = load_spec(write_spec(tmp_path, workers={"count": 3}))
+    assert not fixed.workers.elastic and fixed.workers.fewest == 3
+
+
+@pytest.mark.parametrize("workers, strategy, expected", [
+    ({"min": 2}, None, "workers: got {'min': 2}; an elastic range needs both min and max"),
+    ({"min": 2, "max": 4, "count": 3}, None, "give a fixed count or an elastic min/max range, not both"),
+    ({"min": 5, "max": 4}, None, "min (5) is more than max (4)"),
+    ({"min": 2, "max": 4}, {"kind": "tensor", "tp": 2}, "workers.min: strategy 'tensor' cuts a fixed device mesh"),
+])
+def test_bad_elastic_ranges_are_named(tmp_path, workers, strategy, expected):
+    changes = {"workers": workers}
+    if strategy:
+        changes["strategy"] = strategy
+    with pytest.raises(SpecError) as e:
+        load_spec(write_spec(tmp_path, **changes))
+    assert expected in str(e.value), str(e.value)
+
+
+def test_elastic_job_needs_a_checkpoint(tmp_path):
+    with pytest.raises(SpecError, match="workers.min: an elastic job resumes from a checkpoint"):
+        load_spec(write_spec(tmp_path, workers={"min": 1, "max": 2}, checkpoint=None))

@@ -16,6 +16,7 @@ ALLOWED = {
     (S.QUEUED, S.CANCELLED), (S.ADMITTED, S.CANCELLED), (S.RESTARTING, S.CANCELLED),
     (S.ADMITTED, S.FAILED), (S.RESTARTING, S.FAILED),
     (S.PREEMPTED, S.CANCELLED),  # cancel during the checkpoint grace period: "don't requeue"
+    (S.PREEMPTED, S.SUCCEEDED),  # the run finished before the stop reached it
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from shipyard.api import dashboard, errors, routes_jobs, routes_ops, routes_report
 from shipyard.api.metrics import ServerMetrics
@@ -26,6 +26,50 @@ class ApiConfig:
     max_body_bytes: int = MAX_BODY_BYTES
 
 
+class LimitsAndMetrics:
+    """Body-size limit, request counts and latency per route template.
+
+    A plain ASGI middleware rather than ``@app.middleware("http")``: Starlette's
+    BaseHTTPMiddleware runs each request's app in a task of its own and pipes the response
+    through memory streams, a fixed cost that was a noticeable share of a submit's CPU time.
+    Latency is measured until the response's headers are sent, so a followed log stream counts
+    its time to first byte, not its length.
+    """
+
+    def __init__(self, app, config: ApiConfig, metrics: ServerMetrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Driver reports carry metric points buffered while the server was away: a larger cap.
+        limit = self.config.max_body_bytes * (16 if scope["path"].endswith("/report") else 1)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await errors.respond(413, f"request body larger than {limit} bytes")(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status: list[int] = []
+
+        async def send_and_measure(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                self._observe(scope, message["status"], t0)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_measure)
+        finally:
+            if not status:  # an exception: the server's error handler answers 500 outside this
+                self._observe(scope, 500, t0)
+
+    def _observe(self, scope, status: int, t0: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.requests.labels(scope["method"], route, f"{status // 100}xx").inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+
 def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig()) -> FastAPI:
     from shipyard import __version__
 
@@ -36,21 +80,7 @@ def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig()) 
     app.state.metrics = ServerMetrics(store)
     errors.install(app)
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        length = request.headers.get("content-length")
-        # Driver reports carry metric points buffered while the server was away: a larger cap.
-        limit = config.max_body_bytes * (16 if request.url.path.endswith("/report") else 1)
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return errors.respond(413, f"request body larger than {limit} bytes")
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        m = app.state.metrics
-        m.requests.labels(request.method, route, f"{response.status_code // 100}xx").inc()
-        m.latency.labels(route).observe(time.perf_counter() - t0)
-        return response
-
+    app.add_middleware(LimitsAndMetrics, config=config, metrics=app.state.metrics)
     app.include_router(routes_jobs.router, prefix="/v1")
     app.include_router(routes_report.router, prefix="/v1")
     app.include_router(routes_ops.router)

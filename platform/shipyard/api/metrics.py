@@ -14,6 +14,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from shipyard.runtime.meter import BUILTIN
+
 
 class _JobsCollector:
     def __init__(self, store):
@@ -29,6 +31,13 @@ class _JobsCollector:
 MAX_JOB_SERIES = 200
 MAX_METRICS_PER_JOB = 20
 LIVE = ("RUNNING", "RESTARTING")
+
+
+def _priority(name: str) -> tuple:
+    """Which metrics keep a series when a job reports more than the cap: loss, then the
+    platform's built-ins (the same names for every job, so dashboards can rely on them), then
+    the rest by name."""
+    return (name != "loss", name not in BUILTIN, name)
 
 
 class _RunningJobsCollector:
@@ -54,7 +63,7 @@ class _RunningJobsCollector:
             attempts.add_metric(key, len(runs))
             lost.add_metric(key, sum(a.steps_lost or 0 for a in runs))
             latest = self.store.latest_metrics(j.id, window=50)
-            for name in sorted(latest, key=lambda n: (n != "loss", n))[:MAX_METRICS_PER_JOB]:
+            for name in sorted(latest, key=_priority)[:MAX_METRICS_PER_JOB]:
                 if latest[name] is not None:
                     value.add_metric([*key, name], latest[name])
         yield from (step, progress, attempts, lost, value)

@@ -9,12 +9,12 @@ everybody (priority 1000 is the spec's maximum).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated
 
 import yaml
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from shipyard.api.auth import Principal, principal
@@ -64,8 +64,8 @@ async def submit(request: Request, who: Caller) -> Created:
     if spec.priority > cfg.max_user_priority and not who.admin:
         raise ApiError(403, f"spec: priority: got {spec.priority}; priorities above {cfg.max_user_priority} "
                             "need an admin token", "forbidden_priority")
-    store = request.app.state.store
-    job = await run_in_threadpool(store.add_job, who.tenant, spec, priority=spec.priority)
+    # The store's writer thread commits concurrent submits together; this awaits that commit.
+    job = await asyncio.wrap_future(request.app.state.store.submit_job(who.tenant, spec, priority=spec.priority))
     request.app.state.metrics.submissions.inc()
     if request.app.state.loop is not None:
         request.app.state.loop.wake()

@@ -28,6 +28,7 @@ MAX_CAUSE_CHARS = 300
 class Attempt:
     number: int
     start: float
+    world: int | None = None  # ranks in this attempt (an elastic job's size changes between attempts)
     start_step: int | None = None  # the step it resumed from (None until restored)
     entered: float | None = None  # when rank 0 entered the train loop (process group up)
     restored_at: float | None = None  # when rank 0 had loaded the checkpoint (or found none)
@@ -61,7 +62,7 @@ class Ledger:
         """Ended attempts that count against ``max_failures`` (preemptions do not)."""
         return sum(1 for a in self.attempts if a.kind in ("failed", "user_error"))
 
-    def admit(self, now: float) -> str | None:
+    def admit(self, now: float, world: int | None = None) -> str | None:
         """Open an attempt (once per worker-group start; every rank asks). Returns why not, if not."""
         if self.current is not None:
             return None
@@ -73,7 +74,7 @@ class Ledger:
                               f"(preemptions not counted); the last failed with: {last.cause}")
         if self.exhausted:
             return self.exhausted
-        self.attempts.append(Attempt(number=len(self.attempts) + 1, start=now))
+        self.attempts.append(Attempt(number=len(self.attempts) + 1, start=now, world=world))
         return None
 
     def restored(self, step: int) -> None:
@@ -145,6 +146,8 @@ def describe_failure(worker_exceptions: dict[int, BaseException]) -> tuple[str, 
             return _clip(str(e)), "user_error"
     for rank, e in errors.items():
         if isinstance(e, RayActorError):
+            if "its node has died" in str(e):
+                return _clip(f"rank {rank}: its node died ({_node_death(e)})"), "failed"
             return _clip(f"rank {rank}: worker process died ({_first_line(e)})"), "failed"
     rank, e = next(iter(errors.items()))
     return _clip(f"rank {rank}: {type(e).__name__}: {_first_line(e)}"), "failed"
@@ -157,6 +160,15 @@ def _unwrap(e: BaseException) -> BaseException:
         if isinstance(inner, BaseException):
             return _unwrap(inner)
     return e
+
+
+def _node_death(e: BaseException) -> str:
+    """Ray's reason for a node's death (e.g. missed heartbeats), from the actor error's text."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    for line in lines:
+        if "node was terminated" in line:
+            return line.removeprefix("the actor's ")
+    return next((line.split(". Node Id")[0] for line in lines if "node has died" in line), _first_line(e))
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +27,8 @@ from shipyard.errors import UserError
 from shipyard.parallel import STRATEGIES
 from shipyard.parallel.mesh import parallel_dims
 from shipyard.runtime import preemption
+from shipyard.runtime.meter import MAX_PENDING_STEPS, StepMeter
+from shipyard.runtime.tensorboard import EventWriter, log_dir, to_floats
 from shipyard.runtime.watchdog import Watchdog
 from shipyard.spec import JobSpec
 
@@ -65,6 +68,14 @@ class TrainContext:
         self._last_push = 0.0
         self._busy = False  # inside a platform wait (restore, checkpoint commit): not a stall
         self._watchdog: Watchdog | None = None
+        # Built-in metrics (runtime/meter.py) and, with metrics.tensorboard, rank 0's event files:
+        # both fed from local numbers only, sent with the throttled push.
+        tensorboard = spec.metrics.tensorboard and rank == 0 and board is not None
+        self._meter = StepMeter(samples_per_step=spec.dataset.batch_size * self.dp_world, dp_world=self.dp_world,
+                                device=device, tokens_key=spec.metrics.tokens_key, per_step=tensorboard)
+        self._tb: EventWriter | None = None
+        self._tb_wanted = tensorboard
+        self._tb_rows: deque = deque(maxlen=MAX_PENDING_STEPS)
 
     @property
     def epoch(self) -> int:
@@ -98,6 +109,8 @@ class TrainContext:
         self._busy = True
         self._restore()
         self._busy = False
+        if self._tb_wanted:
+            self._tb = EventWriter(log_dir(self.spec), resumed_step=self.step)
         self._push(force=True, event="started")
         if self._board is not None and self.spec.stall_timeout_s:
             self._watchdog = Watchdog(self._board, self.rank, self.spec.stall_timeout_s,
@@ -133,10 +146,14 @@ class TrainContext:
             if self.step == first:
                 self._push(force=True)  # this attempt's first step is done: its recovery time
             self._step_boundary()
+            self._meter.boundary(self.step, time.perf_counter())
+            self._push()  # throttled: built-in metrics flow even when the user never reports
+            waited = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
                 break
+            self._meter.fetched(batch, time.perf_counter() - waited)
             self.step += 1
             yield _to_device(batch, self.device)
         if self._store and self._saved_step != self.step:
@@ -197,6 +214,9 @@ class TrainContext:
     def report(self, **metrics: Any) -> None:
         """Record metrics for this step (tensors are fine: they are read only when sent)."""
         self._metrics.update(metrics)
+        if self._tb is not None:  # every report becomes a point; tensors are read in bulk at the push
+            self._tb_rows.append((self.step, {k: v.detach() if isinstance(v, torch.Tensor) else v
+                                              for k, v in metrics.items()}))
         self._push()
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -230,7 +250,8 @@ class TrainContext:
             self.checkpoint()
         if noticed >= 0:
             self.wait_for_checkpoint()
-            message = (f"preempted: rank {noticed} received SIGTERM; checkpoint at step {self.step} committed, "
+            why = preemption.reason() if preemption.requested() else "received SIGTERM"
+            message = (f"preempted: rank {noticed} {why}; checkpoint at step {self.step} committed, "
                        f"the job restarts from it")
             self._event(message)
             raise preemption.Preempted(message)
@@ -265,6 +286,10 @@ class TrainContext:
         self._stop_watchdog()
         if self._checkpointer is not None:
             self._checkpointer.close()
+        if self._tb is not None:  # after the last commit: its blocking time is a point too
+            self._tensorboard(self._meter.flush())
+            self._tb.close()
+            self._tb = None
         if self.spec.strategy.kind == "horovod":
             from shipyard.parallel.horovod import shutdown
 
@@ -279,6 +304,8 @@ class TrainContext:
         # Rank 0's upload thread, once COMMIT.json is written.
         r = saved.record
         self._metrics["checkpoint_blocked_s"] = saved.blocked_s
+        if self._tb is not None:
+            self._tb.add([(r.step, {"checkpoint_blocked_s": saved.blocked_s})])
         self._event(f"checkpoint at step {r.step} committed ({r.bytes / 1e6:.1f} MB; training blocked "
                     f"{saved.blocked_s:.2f}s, committed after {saved.total_s:.2f}s): {r.uri}", checkpoint=r.uri,
                     committed_step=r.step)
@@ -307,12 +334,32 @@ class TrainContext:
         self._last_push = now
         # list(): the upload thread pushes commit events while the loop may add a metric.
         metrics = {k: _scalar(v) for k, v in list(self._metrics.items())}
+        builtins = self._meter.flush()  # after the user's metrics: displays show those first
+        metrics.update(builtins)
+        if self._tb is not None:
+            self._tensorboard(builtins)
         retries = sum(storage.retry_counts().values())
         if retries:
             metrics["s3_retries"] = retries  # transient S3 errors this rank's reads and writes absorbed
         self._board.update.remote(step=self.step, total=self.total_steps, epoch=self.epoch,
                                   samples_per_step=self.spec.dataset.batch_size * self.dp_world,
                                   metrics=metrics, event=event, **extra)
+
+    def _tensorboard(self, aggregates: dict[str, float]) -> None:
+        """Hand the event writer this push's rows: per step, the built-in step clock and every
+        report; at this step, the rates and GPU memory aggregated since the last push."""
+        rows = self._meter.take_steps()
+        reported = []
+        while self._tb_rows:  # the upload thread's commit event may push at the same time
+            try:
+                reported.append(self._tb_rows.popleft())
+            except IndexError:
+                break
+        rows += to_floats(reported)
+        rates = {k: v for k, v in aggregates.items() if k not in ("step_time_s", "data_wait_s")}
+        if rates:
+            rows.append((self.step, rates))
+        self._tb.add(rows)
 
 
 def _data_states(states: list[dict]) -> list[dict]:

@@ -56,6 +56,12 @@ def connect(spec: JobSpec, settings: Settings) -> bool:
     # Ray Train's controller polls worker health every 2 s by default; a dead worker is then seen
     # 1 s late on average. Polling every 0.5 s costs one small actor call per worker.
     controller_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    if spec.workers.elastic:
+        # After a node is lost, Ray's view of free resources can lag for a few seconds; a group
+        # sized on it then waits for workers that cannot be placed. Ray waits 60 s before it sizes
+        # the group again; an elastic job would rather go on with fewer workers sooner.
+        controller_env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get(
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     runtime_env = {"working_dir": spec.workdir, "env_vars": {**controller_env, **forwarded_env(), **spec.env}}
     if settings.ray_address:
         ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
@@ -68,14 +74,15 @@ def connect(spec: JobSpec, settings: Settings) -> bool:
 
 def check_capacity(spec: JobSpec, local: bool) -> None:
     have = ray.cluster_resources()
-    need_cpu = spec.workers.count * spec.workers.cpus
-    need_gpu = spec.workers.count * spec.workers.gpus
+    n, field = (spec.workers.min, "workers.min") if spec.workers.elastic else (spec.workers.count, "workers.count")
+    need_cpu = n * spec.workers.cpus
+    need_gpu = n * spec.workers.gpus
     problems = []
     if need_cpu > have.get("CPU", 0):
-        problems.append(f"{need_cpu:g} CPUs (workers.count {spec.workers.count} x workers.cpus "
+        problems.append(f"{need_cpu:g} CPUs ({field} {n} x workers.cpus "
                         f"{spec.workers.cpus:g}), the cluster has {have.get('CPU', 0):g}")
     if need_gpu > have.get("GPU", 0):
-        problems.append(f"{need_gpu:g} GPUs (workers.count x workers.gpus), the cluster has {have.get('GPU', 0):g}")
+        problems.append(f"{need_gpu:g} GPUs ({field} x workers.gpus), the cluster has {have.get('GPU', 0):g}")
     if problems and local:
         raise UserError("workers: the job needs " + "; ".join(problems) + "; lower workers.count or the per-worker resources")
 
@@ -95,21 +102,37 @@ def _trainer(spec: JobSpec, board, settings: Settings):
     resources = {"CPU": spec.workers.cpus}
     if spec.workers.gpus:
         resources["GPU"] = spec.workers.gpus
+    callbacks = [AttemptsCallback(board)]
+    num_workers: int | tuple[int, int] = spec.workers.count
+    if spec.workers.elastic:
+        from shipyard.runtime.elastic import GrowWithCheckpoint
+
+        num_workers = (spec.workers.min, spec.workers.count)
+        callbacks.append(GrowWithCheckpoint(board, spec.checkpoint.preemption_grace_s))
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "board": board},
         torch_config=torch_config,
-        scaling_config=ScalingConfig(num_workers=spec.workers.count, use_gpu=spec.workers.gpus > 0,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=spec.workers.gpus > 0,
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=spec.workers.resize_interval_s),
         run_config=RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(settings.home / "ray_results"),
             # Ray retries without limit; the board's ledger enforces max_failures, not counting
             # preemptions (see runtime/attempts.py).
             failure_config=FailureConfig(max_failures=-1),
-            callbacks=[AttemptsCallback(board)],
+            callbacks=callbacks,
         ),
     )
+
+
+def _on_this_node():
+    """The driver's node, where Ray Train also puts its controller: the run's record must not be
+    lost with a worker node (zero-CPU actors may otherwise land on any node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
@@ -121,7 +144,8 @@ def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
     started_ray = connect(spec, settings)
     try:
         check_capacity(spec, local=started_ray)
-        board = ProgressBoard.remote(spec.max_failures, spec.workers.count, spec.stall_timeout_s)
+        board = ProgressBoard.options(scheduling_strategy=_on_this_node()).remote(
+            spec.max_failures, spec.workers.count, spec.stall_timeout_s)
         trainer = _trainer(spec, board, settings)
         outcome: dict = {}
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _notice = threading.Event()
 _received_at: float | None = None
+_reason: str = "received SIGTERM"
 
 
 class Preempted(RuntimeError):
@@ -35,8 +36,22 @@ class Preempted(RuntimeError):
 
 
 def requested() -> bool:
-    """Whether this process received SIGTERM."""
+    """Whether this process received SIGTERM (or was asked to stop, see :func:`request`)."""
     return _notice.is_set()
+
+
+def reason() -> str:
+    """Why this process stops: ``received SIGTERM``, or what :func:`request` was told."""
+    return _reason
+
+
+def request(why: str, grace_s: float) -> None:
+    """Ask this rank to stop at the next step boundary after a checkpoint, as SIGTERM does; used by
+    the platform itself (an elastic job growing, see ``runtime/elastic.py``). Safe from any thread."""
+    global _reason
+    if not _notice.is_set():
+        _reason = why
+    _on_sigterm(grace_s)
 
 
 def _on_sigterm(grace_s: float) -> None:

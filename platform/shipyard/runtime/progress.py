@@ -29,12 +29,14 @@ class ProgressBoard:
         self.stall: Stall | None = None
         self.checkpoint: str | None = None
 
-    def admit(self) -> str | None:
-        """Asked by every rank before the user's code runs: None, or why no further attempt may run."""
+    def admit(self, world: int | None = None) -> str | None:
+        """Asked by every rank before the user's code runs: None, or why no further attempt may run.
+        ``world`` is this attempt's number of ranks (an elastic job's changes from attempt to attempt)."""
         opened = self.ledger.current is None
-        refused = self.ledger.admit(time.time())
+        refused = self.ledger.admit(time.time(), world)
         if opened and not refused:
             self.beats, self.stall = {}, None
+            self.world = world or self.world
         return refused
 
     def update(self, *, step, total, epoch, samples_per_step, metrics, event=None, checkpoint=None,

@@ -8,8 +8,8 @@ of this run). Without them (a user's own ``shipyard run``) nothing here does any
 
 Reports: the launcher hands every ProgressBoard snapshot (once a second) to :meth:`Session.update`;
 a background thread posts the newest one every :data:`REPORT_S` seconds, and :meth:`Session.finish`
-posts the last one with the outcome. Metric points (one per new step seen) and events are sent
-once each; attempts, step and checkpoint are sent whole, so a lost report loses nothing but time.
+posts the last one with the outcome. Metric points (one per new step, or new values at a step) and
+events are sent once each; attempts, step and checkpoint are sent whole, so a lost report loses nothing but time.
 The server being down never fails the job: a failed post is retried with the next one.
 
 Stop requests: the backend stops a run by signalling the driver: SIGINT from Ray's ``stop_job``
@@ -56,6 +56,7 @@ class Session:
         self._latest: dict = {}
         self._points: list[tuple[int, float, dict]] = []
         self._last_point_step: int | None = None
+        self._last_point_values: dict = {}
         self._events_sent = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,9 +85,11 @@ class Session:
             # A diverged loss is NaN or inf, which JSON cannot carry: sent as null (a gap in the chart).
             metrics = {k: (v if math.isfinite(v) else None) for k, v in (snapshot.get("metrics") or {}).items()
                        if isinstance(v, (int, float))}
-            if metrics and step != self._last_point_step:
+            # A new point per new step, and one more at the same step when the values changed
+            # there (what the loop measured up to its last step, an evaluation after it).
+            if metrics and (step != self._last_point_step or metrics != self._last_point_values):
                 self._points.append((step, time.time(), metrics))
-                self._last_point_step = step
+                self._last_point_step, self._last_point_values = step, metrics
                 if len(self._points) > MAX_BUFFERED_POINTS:  # the server is away: thin, keep the shape
                     del self._points[1:-1:2]
         if self.notice_at is not None:

@@ -52,9 +52,9 @@ def train_loop(config: dict) -> None:
     root = os.getcwd() if (Path.cwd() / spec.entry_target).exists() else spec.workdir
     entered = time.time()
     board = config.get("board")
-    if board is not None and ray.get(board.admit.remote()) is not None:
-        return  # no further attempt allowed (max_failures, or a user error): the driver reports why
     tc = ray.train.get_context()
+    if board is not None and ray.get(board.admit.remote(tc.get_world_size())) is not None:
+        return  # no further attempt allowed (max_failures, or a user error): the driver reports why
     if board is not None and tc.get_world_rank() == 0:
         board.mark.remote(entered=entered)  # for the recovery breakdown (tests/bench/recovery.py)
     ctx = TrainContext(spec, rank=tc.get_world_rank(), world_size=tc.get_world_size(),

@@ -89,6 +89,9 @@ def total(free: Mapping[str, Resources]) -> Resources:
     return out
 
 
+UNPLACED = ("ADMITTED", "STARTING")
+
+
 def credit_of(r: RunningJob, nodes: list[str]) -> dict[str, Resources]:
     """What ``r`` gives back per node when it stops. Unknown placement on a multi-node
     cluster gives nothing countable: the scheduler will not bet on where it lands."""
@@ -100,10 +103,10 @@ def credit_of(r: RunningJob, nodes: list[str]) -> dict[str, Resources]:
 
 
 def initial_free(snap: Snapshot) -> Free:
-    """Free capacity per node, minus ADMITTED jobs the backend has not placed yet."""
+    """Free capacity per node, minus jobs the backend has not placed yet (ADMITTED, STARTING)."""
     free: Free = {n.name: n.free for n in snap.nodes}
     for r in snap.running:
-        if r.state != "ADMITTED":
+        if r.state not in UNPLACED:
             continue
         placement = dict(r.placement) if r.placement is not None else place(r.job, free)
         if placement is None:  # partly visible to the backend already: take what is there

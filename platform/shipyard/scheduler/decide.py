@@ -7,6 +7,10 @@ quota (:mod:`.quota`), then against what an empty cluster could hold, then gang-
 (:mod:`.admission`). The first job that passes the first two checks but does not fit is the
 *head*: it may preempt lower-priority jobs (:mod:`.preemption`) and it gets a reservation
 (:mod:`.backfill`); jobs behind it start only in what the reservation leaves.
+
+A STARTING job (running, but its workers not known to be placed yet) is counted as holding its
+demand, so nothing is admitted into capacity it is about to take; since the backend may count
+it already, a head that would fit without that double count waits instead of preempting.
 """
 
 from __future__ import annotations
@@ -84,6 +88,12 @@ def decide(snap: Snapshot, policy: Policy = Policy()) -> Decisions:
     return out
 
 
+def _as_if_placed(free: Free, starting: list[RunningJob], node_names: list[str]) -> Free:
+    for r in starting:
+        free = give(free, admission.credit_of(r, node_names))
+    return free
+
+
 def _stop_for_head(head: JobRequest, cap: admission.Capacity, snap: Snapshot, draining: list[RunningJob],
                    node_names: list[str], node_totals: Free | None, policy: Policy, out: Decisions) -> Free:
     """Reasons, preemptions and the reservation for the head; returns what it holds."""
@@ -92,9 +102,15 @@ def _stop_for_head(head: JobRequest, cap: admission.Capacity, snap: Snapshot, dr
     for r in draining:
         releasing = give(releasing, admission.credit_of(r, node_names))
     base = "waiting: " + admission.shortage(head, cap)
+    starting = [r for r in snap.running if r.state == "STARTING"]
     if draining and admission.place(head, give(free, releasing)) is not None:
         names = ", ".join(r.id for r in draining)
         out.reasons[head.id] = f"{base}; preempted jobs {names} are stopping"
+    elif starting and admission.place(head, _as_if_placed(free, starting, node_names)) is not None:
+        # Their demand was taken off free capacity, but their workers may be placed already
+        # (the backend then counts them too): the shortage may not be real, so stop nobody yet.
+        names = ", ".join(r.id for r in starting)
+        out.reasons[head.id] = f"{base}; jobs {names} are starting"
     elif policy.preemption:
         victims = preemption.choose_victims(head, give(free, releasing), snap.running, node_names)
         if victims:

@@ -34,6 +34,7 @@ S = JobState
 POLLED = (S.ADMITTED, S.RUNNING, S.RESTARTING, S.PREEMPTED)
 SUBMIT_GIVE_UP_S = 300.0  # a backend refusing a submit this long fails the job
 SUBMIT_RETRY_S = 5.0
+STARTING_MAX_S = 120.0  # a run without a reported attempt counts as unplaced this long at most
 
 
 def run_state(attempts: list[dict]) -> JobState | None:
@@ -65,6 +66,7 @@ class SchedulerLoop:
         self.on_tick = on_tick
         self.reasons: dict[str, str] = {}  # waiting jobs -> why (shown by the API)
         self._submit_failures: dict[str, tuple[float, float]] = {}  # job -> (first, last) failure
+        self._first_seen: dict[str, float] = {}  # run handle -> when snapshot first saw it RUNNING
         self._wake = threading.Event()
 
     # -- running -----------------------------------------------------------------------------
@@ -101,7 +103,9 @@ class SchedulerLoop:
     def snapshot(self) -> Snapshot:
         jobs = self.store.active_jobs()
         queued = tuple(request_of(j) for j in jobs if j.state is S.QUEUED)
-        running = tuple(RunningJob(request_of(j), j.state.value, j.started_at) for j in jobs if j.state.holds_resources)
+        starting = self._starting([j for j in jobs if j.state is S.RUNNING and j.backend_handle])
+        running = tuple(RunningJob(request_of(j), "STARTING" if j.id in starting else j.state.value, j.started_at)
+                        for j in jobs if j.state.holds_resources)
         quotas = {t.name: Quota(t.max_gpus, t.max_cpus, t.max_running_jobs) for t in self.store.list_tenants()}
         nodes_of = getattr(self.backend, "nodes", None)
         if nodes_of is not None:
@@ -112,6 +116,18 @@ class SchedulerLoop:
         c = self.backend.capacity()
         return Snapshot.aggregate(Resources(c.free_cpus, c.free_gpus, c.free_memory),
                                   Resources(c.cpus, c.gpus, c.memory), queued=queued, running=running, quotas=quotas)
+
+    def _starting(self, running: list[Job]) -> set[str]:
+        """RUNNING jobs whose run has reported no attempt yet: the backend says the driver runs
+        (Ray's RUNNING), but its workers may still be waiting for resources, invisible in the
+        free capacity. Counted as unplaced for at most STARTING_MAX_S after the loop first saw
+        the run, so a driver that cannot reach the server does not hold capacity twice forever."""
+        now = time.monotonic()
+        started = self.store.started_runs(j.backend_handle for j in running)
+        seen = {j.backend_handle: self._first_seen.get(j.backend_handle, now) for j in running}
+        self._first_seen = seen
+        return {j.id for j in running
+                if j.backend_handle not in started and now - seen[j.backend_handle] < STARTING_MAX_S}
 
     def apply(self, d: Decisions) -> None:
         self.reasons = dict(d.reasons)
@@ -194,8 +210,11 @@ class SchedulerLoop:
                 self._move(job, S.ADMITTED, S.RUNNING, message=f"running as {job.backend_handle}")
             return
         if job.state is S.PREEMPTED:  # the run stopped (or ended) after the preemption notice
-            # A run that finished before it could stop is requeued too (PREEMPTED -> SUCCEEDED is
-            # no edge): the next run restores the final checkpoint and ends at once.
+            if self._finished(job, status):
+                self.store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
+                self._move(job, S.PREEMPTED, S.SUCCEEDED, cause="finished",
+                           message="the run finished before the preemption stopped it")
+                return
             self.store.close_run(job.id, job.backend_handle, kind="preempted", cause="preempted")
             self._requeue(job, "preempted")
             return
@@ -208,6 +227,15 @@ class SchedulerLoop:
             cause, message = self._failure(job, status)
             self.store.close_run(job.id, job.backend_handle, kind="failed", cause=cause)
             self._finish(job, S.FAILED, cause, message)
+
+    def _finished(self, job: Job, status) -> bool:
+        """Whether a preempted job's run completed its training anyway. Ray reports a run it was
+        asked to stop as STOPPED even when the driver exited 0, so the driver's own word decides:
+        its last attempt of this run ended ``finished`` (its final report arrives before it exits)."""
+        if status.state is State.SUCCEEDED:
+            return True
+        runs = [a for a in self.store.attempts(job.id) if a.submission == job.backend_handle]
+        return bool(runs) and runs[-1].ended_at is not None and runs[-1].kind == "finished"
 
     def _failure(self, job: Job, status) -> tuple[str, str]:
         """Why a run failed: the driver's own last word (its outcome report) if it sent one."""

@@ -4,8 +4,8 @@ Only the head of the queue preempts, one decision per tick: the next head decide
 tick, against the capacity that is then actually draining, so one burst of high-priority
 submissions cannot make the scheduler stop more than is needed.
 
-Candidates are jobs of strictly lower priority in ADMITTED (nothing lost) or RUNNING (workers
-checkpoint on SIGTERM, then the job is requeued with its progress); RESTARTING jobs have no
+Candidates are jobs of strictly lower priority in ADMITTED (nothing lost), STARTING or RUNNING
+(workers checkpoint on SIGTERM, then the job is requeued with its progress); RESTARTING jobs have no
 worker group to checkpoint and are left alone. They are taken lowest priority first, then
 least work lost (not started yet, then most recently started), until the head fits; then each
 chosen victim, highest priority first, is spared again if the head still fits without it
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from shipyard.scheduler.admission import Free, credit_of, give, place
 from shipyard.scheduler.snapshot import JobRequest, Resources, RunningJob
 
-PREEMPTIBLE = ("ADMITTED", "RUNNING")
+PREEMPTIBLE = ("ADMITTED", "STARTING", "RUNNING")
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 
 

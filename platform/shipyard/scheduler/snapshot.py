@@ -7,7 +7,8 @@ or a clock, so every policy is a unit test away.
 Capacity is what the backend reports as *free* on each node now, so it already excludes the
 workers of jobs that are running (and anything else on the cluster). The one thing the backend
 cannot know yet is a job the scheduler admitted moments ago whose workers have not been placed
-(state ADMITTED): the scheduler subtracts those itself. Without per-node information, a
+(state ADMITTED, or STARTING: its driver runs but no attempt has been reported): the scheduler
+subtracts those itself. Without per-node information, a
 snapshot holds one node standing for the whole cluster (:meth:`Snapshot.aggregate`), and fit is
 checked on the totals.
 """
@@ -112,8 +113,10 @@ class RunningJob:
     """A job holding (or about to hold) resources.
 
     ``state`` is the store's: ADMITTED (workers not placed yet; the scheduler subtracts them from
-    free capacity), RUNNING, RESTARTING, or PREEMPTED (draining: stopping after its checkpoint;
-    its resources come back soon). ``placement`` maps node name -> workers when the backend knows.
+    free capacity), STARTING (RUNNING in the store, but its run has not reported an attempt, so
+    its workers may not be placed yet: subtracted too), RUNNING, RESTARTING, or PREEMPTED
+    (draining: stopping after its checkpoint; its resources come back soon). ``placement`` maps
+    node name -> workers when the backend knows.
     """
 
     job: JobRequest

@@ -75,7 +75,9 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        # synchronous stays FULL: a job the API acknowledged must survive a power cut too.
+        # synchronous stays FULL (an fsync of the WAL per commit): a job the API acknowledged
+        # must survive a power cut too, not only a crash of this process (which NORMAL survives).
+        # Concurrent submits share one commit (store/submits.py), so the fsync is paid per batch.
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -7,9 +7,9 @@ transaction, so a reader never sees attempts without the step they reached.
 
 Attempts are upserted on ``(job, submission, run_number)``: the driver numbers attempts within
 its run from 1, the store numbers them per job across runs (a requeued job's second run
-continues the count). Metrics are thinned to at most :data:`MAX_POINTS` reports per job by
-dropping every other older report whenever the limit is passed: the curve keeps its shape and
-its newest point, and a week-long job costs as much storage as a one-hour one.
+continues the count). Metrics are held to at most :data:`MAX_POINTS` rows per job (recent rows
+raw, older ones averaged into buckets: :mod:`shipyard.store.metrics`), so a week-long job costs
+as much storage as a one-hour one.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 
 from shipyard.store import models
 from shipyard.store.errors import JobNotFound
+from shipyard.store.metrics import MAX_POINTS  # noqa: F401 - where tests and callers found it
 from shipyard.store.records import Attempt
 
-MAX_POINTS = 1000
 MAX_EVENTS_PER_REPORT = 200
 KINDS = ("finished", "failed", "preempted", "user_error")
 
@@ -105,15 +105,6 @@ class RunsMixin:
             if metrics:
                 self._thin_metrics(s, job_id)
             return [Attempt.of(r) for r in sorted(runs.values(), key=lambda r: r.number)]
-
-    @staticmethod
-    def _thin_metrics(s, job_id: str) -> None:
-        ids = list(s.scalars(select(models.Metric.id).where(models.Metric.job_id == job_id)
-                             .order_by(models.Metric.step, models.Metric.id)))
-        if len(ids) <= MAX_POINTS:
-            return
-        drop = ids[1:-1:2]
-        s.execute(delete(models.Metric).where(models.Metric.id.in_(drop)).execution_options(synchronize_session=False))
 
     def close_run(self, job_id: str, submission: str | None, *, kind: str, cause: str,
                   now: datetime | None = None) -> int:

@@ -4,15 +4,18 @@
 
     QUEUED -> ADMITTED -> RUNNING -> (RESTARTING -> RUNNING)* -> SUCCEEDED | FAILED | CANCELLED
     ADMITTED | RUNNING -> PREEMPTED -> QUEUED       (requeued with its progress kept)
+                          PREEMPTED -> SUCCEEDED    (the run finished before it could stop)
 
 A job may be cancelled from every state in which it is waiting or holds resources, and may fail
 from every state in which it has been handed to a backend. Everything else is rejected here, by
 :func:`check_transition`, so the store, the scheduler loop and the API cannot disagree.
 
-Two choices beyond the bare diagram, and why:
+Three choices beyond the bare diagram, and why:
 
 - ``PREEMPTED -> CANCELLED``: a preempted job spends its checkpoint grace period in PREEMPTED;
   a user who cancels it then means "don't requeue", and a 409 would only make them retry.
+- ``PREEMPTED -> SUCCEEDED``: the stop reaches a run that is writing its last step; requeueing
+  it would start a whole new run only to restore the final checkpoint and end.
 - ``RESTARTING`` jobs are not preemptible: preemption asks the workers to checkpoint on SIGTERM,
   and a worker group that is being restarted has nobody to take that checkpoint.
 """
@@ -53,7 +56,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.ADMITTED: frozenset({S.RUNNING, S.PREEMPTED, S.CANCELLED, S.FAILED}),
     S.RUNNING: frozenset({S.RESTARTING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PREEMPTED}),
     S.RESTARTING: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
-    S.PREEMPTED: frozenset({S.QUEUED, S.CANCELLED}),
+    S.PREEMPTED: frozenset({S.QUEUED, S.CANCELLED, S.SUCCEEDED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),

@@ -2,7 +2,8 @@
 
 Every method is one short transaction on a connection of its own, so the API's request threads
 and the scheduler loop can share one :class:`Store`. Writes return only after their commit: a
-job id handed to a user is on disk. State changes are compare-and-set (``expected`` state in,
+job id handed to a user is on disk (``add_job``s running at the same time share one commit, see
+:mod:`shipyard.store.submits`). State changes are compare-and-set (``expected`` state in,
 ``UPDATE ... WHERE state = :expected``), so two writers cannot both act on one state: the
 second gets :class:`StaleTransition` and must re-read. Tenants and tokens are in
 :mod:`shipyard.store.tenancy`, metrics in :mod:`shipyard.store.metrics` (both mixed in here).
@@ -10,8 +11,8 @@ second gets :class:`StaleTransition` and must re-read. Tenants and tokens are in
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,11 +25,12 @@ from sqlalchemy.orm import Session
 from shipyard.errors import UserError
 from shipyard.store import migrate, models
 from shipyard.store.engine import WRITE, default_url, make_engine
-from shipyard.store.errors import JobNotFound, StoreError, TenantNotFound
+from shipyard.store.errors import JobNotFound, StoreError
 from shipyard.store.records import Attempt, Event, Job, Page
 from shipyard.store.states import ACTIVE, JobState, StaleTransition, check_transition, parse_state
 from shipyard.store.metrics import MetricsMixin
 from shipyard.store.runs import RunsMixin
+from shipyard.store.submits import GroupCommit, Submission
 from shipyard.store.tenancy import TenancyMixin
 
 MAX_PAGE = 1000
@@ -45,6 +47,7 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
     def __init__(self, url: str):
         self.engine = make_engine(url)
         self._writer = self.engine.execution_options(**{WRITE: True})
+        self._submits = GroupCommit(self._writer)
         self.url = self.engine.url.render_as_string(hide_password=True)
 
     @classmethod
@@ -68,6 +71,7 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
         return store
 
     def close(self) -> None:
+        self._submits.close()
         self.engine.dispose()
 
     def __enter__(self) -> "Store":
@@ -90,21 +94,17 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
 
     def add_job(self, tenant: str, spec: Any, *, priority: int = 0, now: datetime | None = None) -> Job:
         """Persist a QUEUED job; returns after the commit. ``spec``: a JobSpec or its JSON dict."""
+        return self.submit_job(tenant, spec, priority=priority, now=now).result()
+
+    def submit_job(self, tenant: str, spec: Any, *, priority: int = 0, now: datetime | None = None) -> Future:
+        """:meth:`add_job` without waiting: a future holding the :class:`Job` once it is committed
+        (an event loop awaits it with ``asyncio.wrap_future``). Concurrent submissions share one
+        transaction (:mod:`shipyard.store.submits`)."""
         spec_json = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
         name = spec_json.get("name")
         if not isinstance(name, str) or not name:
             raise UserError("job spec has no name")
-        now = now or utcnow()
-        row = models.Job(id=f"job-{secrets.token_hex(6)}", tenant=tenant, name=name, spec=spec_json,
-                         priority=int(priority), state=JobState.QUEUED.value, submitted_at=now, updated_at=now)
-        with self._write() as s:
-            if s.get(models.Tenant, tenant) is None:
-                raise TenantNotFound(tenant)
-            s.add(row)
-            s.flush()
-            s.add(models.Event(job_id=row.id, at=now, kind="submitted",
-                               message=f"submitted by tenant {tenant} with priority {priority}"))
-        return Job.of(row)
+        return self._submits.submit(Submission(tenant, name, spec_json, int(priority), now or utcnow()))
 
     def get_job(self, job_id: str, *, tenant: str | None = None) -> Job:
         """The job, or :class:`JobNotFound`; with ``tenant``, another tenant's job is "not found"
@@ -240,6 +240,17 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
             s.add(models.Event(job_id=job_id, at=now, kind="attempt",
                                message=f"attempt {number} ended: {cause}{lost}"))
             return Attempt.of(row)
+
+    def started_runs(self, handles: Iterable[str]) -> set[str]:
+        """Which of these runs (backend handles) have reported an attempt, i.e. have their
+        workers placed: the scheduler counts the others' demand as not yet visible in the
+        backend's free capacity."""
+        handles = list(handles)
+        if not handles:
+            return set()
+        q = select(models.Attempt.submission).where(models.Attempt.submission.in_(handles)).distinct()
+        with self._read() as s:
+            return set(s.scalars(q))
 
     def attempts(self, job_id: str) -> list[Attempt]:
         q = select(models.Attempt).where(models.Attempt.job_id == job_id).order_by(models.Attempt.number)

@@ -2,6 +2,13 @@
 
 A token is shown once, when created; the store keeps its SHA-256 only, so a leaked database
 does not leak working tokens. Looking a token up is one indexed equality on that hash.
+
+The API authenticates every request, so it may accept an answer at most ``max_age_s`` old from a
+small in-process cache (:meth:`TenancyMixin.authenticate`), which saves a database read per
+request. Only valid tokens are cached (an unknown or revoked one always reaches the database,
+so a token created by another process works at once). A revocation or tenant deletion through
+this store drops the cache at once; one made by another process (``shipyard admin`` on the same
+database) takes effect within ``max_age_s``.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
 from datetime import datetime, timezone
 
 from sqlalchemy import delete, select
@@ -33,8 +42,20 @@ def _check_quota(field: str, value: float | None) -> None:
         raise UserError(f"{field}: got {value}; must be >= 0, or unset for no limit")
 
 
+CACHE_MAX = 10_000  # distinct valid tokens remembered; past it the cache starts over
+
+
 class TenancyMixin:
     """Needs ``self._read()`` and ``self._write()`` session context managers (see Store)."""
+
+    _token_cache: dict[str, tuple[float, Token]] = {}
+    _token_generation = 0  # bumped by every forget: a read begun before it is not cached
+    _token_lock = threading.Lock()
+
+    def _forget_tokens(self) -> None:
+        with self._token_lock:
+            self._token_cache = {}
+            self._token_generation += 1
 
     def create_tenant(self, name: str, *, max_gpus: float | None = None, max_cpus: float | None = None,
                       max_running_jobs: int | None = None, exist_ok: bool = False) -> Tenant:
@@ -90,6 +111,7 @@ class TenancyMixin:
                 raise TenantInUse(name)
             s.execute(delete(models.Token).where(models.Token.tenant == name))
             s.execute(delete(models.Tenant).where(models.Tenant.name == name))
+        self._forget_tokens()
 
     def create_token(self, tenant: str, *, admin: bool = False, label: str | None = None) -> tuple[str, Token]:
         """Returns ``(secret, record)``; the secret is never retrievable again."""
@@ -118,15 +140,36 @@ class TenancyMixin:
             s.add(row)
         return Token.of(row)
 
-    def authenticate(self, secret: str) -> Token | None:
-        """The token record for a bearer secret, or ``None`` if unknown or revoked."""
+    def authenticate(self, secret: str, *, max_age_s: float = 0.0) -> Token | None:
+        """The token record for a bearer secret, or ``None`` if unknown or revoked. With
+        ``max_age_s``, a valid answer read from the database at most that long ago may be reused."""
         if not secret.startswith(TOKEN_PREFIX):
             return None
+        digest = hash_token(secret)
+        if max_age_s > 0:
+            hit = self.cached_token(digest, max_age_s)
+            if hit is not None:
+                return hit
+        read_at, generation = time.monotonic(), self._token_generation
         with self._read() as s:
-            row = s.scalar(select(models.Token).where(models.Token.token_hash == hash_token(secret)))
+            row = s.scalar(select(models.Token).where(models.Token.token_hash == digest))
         if row is None or row.revoked_at is not None:
             return None
-        return Token.of(row)
+        token = Token.of(row)
+        with self._token_lock:
+            if generation == self._token_generation:
+                if len(self._token_cache) >= CACHE_MAX or not self._token_cache:
+                    self._token_cache = {}  # a dict of this store's own, not the class default
+                self._token_cache[digest] = (read_at, token)
+        return token
+
+    def cached_token(self, digest: str, max_age_s: float) -> Token | None:
+        """A valid token's record from the cache if read at most ``max_age_s`` ago (no I/O:
+        the API calls it on its event loop and goes to a thread only on a miss)."""
+        hit = self._token_cache.get(digest)
+        if hit is None or time.monotonic() - hit[0] > max_age_s:
+            return None
+        return hit[1]
 
     def list_tokens(self, tenant: str | None = None) -> list[Token]:
         q = select(models.Token).order_by(models.Token.id)
@@ -142,4 +185,6 @@ class TenancyMixin:
                 raise UserError(f"no token with id {token_id}")
             if row.revoked_at is None:
                 row.revoked_at = datetime.now(timezone.utc)
-            return Token.of(row)
+            token = Token.of(row)
+        self._forget_tokens()
+        return token

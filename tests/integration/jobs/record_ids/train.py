@@ -5,7 +5,9 @@ again after the restart), as a worker dying mid-epoch would. With ``config.sigte
 sends itself SIGTERM once after that step, as a Kubernetes eviction or a spot notice would.
 ``config.kills`` (a list of ``[step, rank]``) SIGKILLs that rank's process once at each of those
 steps; ``config.hang_at`` makes rank 1 sleep once after that step (a hung rank);
-``config.fail_at`` raises on rank 0 at that step in every attempt (a bug no restart fixes).
+``config.fail_at`` raises on rank 0 at that step in every attempt (a bug no restart fixes);
+``config.step_sleep_s`` slows every step down, ``config.slow_at_world`` only steps at that world
+size (so a test can act on a running job).
 """
 
 import json
@@ -30,8 +32,12 @@ def train(ctx):
         loss.backward()
         optimizer.step()
         with open(out / f"rank{ctx.rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": ctx.step, "ids": batch["id"].tolist()}) + "\n")
+            f.write(json.dumps({"step": ctx.step, "epoch": ctx.epoch, "world": ctx.world_size, "t": time.time(),
+                                "ids": batch["id"].tolist()}) + "\n")
         ctx.report(loss=loss)
+        time.sleep(ctx.config.get("step_sleep_s", 0))
+        if ctx.config.get("slow_at_world") == ctx.world_size:
+            time.sleep(0.5)
         if crash_at and ctx.rank == 0 and ctx.step == crash_at and not (out / "crashed").exists():
             (out / "crashed").touch()
             raise RuntimeError(f"injected failure at step {ctx.step}")

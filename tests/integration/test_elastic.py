@@ -158,7 +158,9 @@ def test_a_lost_node_shrinks_the_job_and_a_new_node_grows_it_back_exactly(strate
     out.mkdir()
     exe = Path(sys.executable).parent / "shipyard"
     env = {**os.environ, "RAY_ADDRESS": address, "SHIPYARD_HOME": str(tmp_path / "home"), "NO_COLOR": "1",
-           "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+           "COLUMNS": "200", "PYTHONUNBUFFERED": "1",
+           # A group sized on the lost node's stale resources is given up on sooner (elastic default 15 s).
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
     job = subprocess.Popen(
         [str(exe), "run", JOB, "--set", f"strategy.kind={strategy}", "--set", f"dataset.uri={digits_shards / 'train'}", "--set", "dataset.epochs=4",
          "--set", f"checkpoint.uri={out / 'ck'}", "--set", f"config.out={out}", "--set", "config.step_sleep_s=0.2", "--set", "config.slow_at_world=1",

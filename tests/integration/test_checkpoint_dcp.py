@@ -26,9 +26,10 @@ def _model():
 
 
 def _train(model, opt, steps):
+    width = next(model.parameters()).shape[1]  # the first Linear's inputs
     for _ in range(steps):
         opt.zero_grad()
-        model(torch.randn(4, 8)).sum().backward()
+        model(torch.randn(4, width)).sum().backward()
         opt.step()
 
 
@@ -36,12 +37,19 @@ def _data_state(rank, world, step):
     return {"epoch": 1, "consumed": 32 * step + rank, "world": world, "seed": 0, "rank": rank}
 
 
-def _phase(rank, world, port, phase, uri, out_dir):
+def _wide_model():
+    """Three 8 MiB weights (and 16 MiB of AdamW state each): files above a 5 MiB part size."""
+    return torch.nn.Sequential(torch.nn.Linear(2048, 1024), torch.nn.Linear(1024, 2048), torch.nn.Linear(2048, 1024))
+
+
+def _phase(rank, world, port, phase, uri, out_dir, part_bytes=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(100 + rank if phase != "save" else rank)
-        model = torch.nn.parallel.DistributedDataParallel(_model())
+        if part_bytes is not None:
+            ckpt.WRITE_PART_BYTES = part_bytes
+        model = torch.nn.parallel.DistributedDataParallel(_model() if part_bytes is None else _wide_model())
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
         store = CheckpointStore(uri)
         saver = Checkpointer(store, strategy="ddp", keep_last=None, async_upload=True)
@@ -83,8 +91,8 @@ def _phase(rank, world, port, phase, uri, out_dir):
         dist.destroy_process_group()
 
 
-def run_phase(world, phase, uri, out_dir):
-    mp.spawn(_phase, args=(world, free_port(), phase, uri, str(out_dir)), nprocs=world, join=True)
+def run_phase(world, phase, uri, out_dir, part_bytes=None):
+    mp.spawn(_phase, args=(world, free_port(), phase, uri, str(out_dir), part_bytes), nprocs=world, join=True)
     return [torch.load(out_dir / f"{phase}-{world}-{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -200,3 +208,25 @@ def test_optimizer_step_waits_for_the_background_copy(tmp_path):
             torch.testing.assert_close(fresh_opt.state[p]["exp_avg"], expected, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def test_files_go_up_at_once_large_ones_in_parts_and_load_bit_exactly(bucket, s3_endpoint, tmp_path):
+    """The writer uploads every file of a rank concurrently, files above the part size as
+    multipart uploads; what DCP's stock reader loads back is bit-exact, on 2 ranks and on 1."""
+    uri = f"s3://{bucket}/ck"
+    part = 5 * 2**20  # S3's smallest part
+    saved = run_phase(2, "save", uri, tmp_path, part_bytes=part)
+    store = CheckpointStore(uri)
+    record = store.latest()
+    distcp = {f: n for f, n in record.files.items() if f.endswith(".distcp")}
+    assert len(distcp) == 2 * ckpt.WRITE_FILES
+    large = [f for f, n in distcp.items() if n > part]
+    assert large, distcp
+    for f in large:  # a multipart object's ETag ends in -<number of parts>
+        etag = store.fs.info(f"{store.path_for(3)}/{f}")["ETag"].strip('"')
+        assert etag.endswith(f"-{-(-distcp[f] // part)}"), (f, distcp[f], etag)
+
+    loaded = run_phase(2, "load", uri, tmp_path, part_bytes=part)
+    for rank in range(2):
+        assert_same_model(loaded[rank], saved[0])
+    assert_same_model(run_phase(1, "load", uri, tmp_path, part_bytes=part)[0], saved[0])

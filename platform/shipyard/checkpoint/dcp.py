@@ -2,8 +2,8 @@
 
 Model and optimizer go through DCP's ``get_state_dict``/``set_state_dict``, so the saved keys
 are the model's own names (no ``module.`` prefix from DDP) and DCP can reshard on load. Every
-rank writes its own part straight to the checkpoint URI with DCP's fsspec writer (DCP dedups
-what DDP replicates, so each rank writes about ``1/world`` of it). What differs per rank
+rank writes its own part straight to the checkpoint URI (:mod:`shipyard.checkpoint.writer`; DCP
+dedups what DDP replicates, so each rank writes about ``1/world`` of it). What differs per rank
 (data-stream position, RNG states) goes in one small ``rank-NNNNN.pt`` per rank.
 
 :func:`write` is the whole save of one rank after the state was captured; the
@@ -15,27 +15,29 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 # Public in the module below; not re-exported by torch.distributed.checkpoint in every release.
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from shipyard import storage
 from shipyard.checkpoint.store import CheckpointStore, CommitRecord
+from shipyard.checkpoint.writer import CheckpointWriter
 from shipyard.errors import CheckpointError
 
-# Files (and threads) per rank: DCP splits a rank's share by size into this many files and
-# writes them at once, which is what makes an object store fast (one stream is not).
-WRITE_THREADS = 16
-# s3fs buffers this much of a file before uploading a part. A file no larger goes up in one PUT;
-# multipart costs one more round trip and, on stores such as moto or MinIO, a server-side
-# concatenation, so files of typical size (a ~1 GB rank share / 16) stay under it.
-WRITE_BLOCK_BYTES = 128 * 2**20
+# Files per rank: DCP splits a rank's share by size into this many files and they are written at
+# once, which is what makes an object store fast (one stream is not).
+WRITE_FILES = 16
+# The largest file that goes up in one PUT, and the part size of larger ones. Multipart costs two
+# more round trips and, on stores such as moto or MinIO, a server-side concatenation, so files of
+# typical size (a ~1 GB rank share / 16) stay under it; S3 allows 10,000 parts, so 1.3 TB a file.
+WRITE_PART_BYTES = 128 * 2**20
 
 
 def rank_file(rank: int) -> str:
@@ -76,35 +78,32 @@ def app_state(model, optimizer, scheduler=None) -> dict:
 
 
 def write(store: CheckpointStore, *, step: int, epoch: int, state: dict, rank_state: dict,
-          strategy: str, keep_last: int | None, group=None) -> CommitRecord | None:
+          strategy: str, keep_last: int | None, group=None,
+          committed: Callable[[CommitRecord], None] | None = None) -> CommitRecord | None:
     """Collective over ``group``: write this rank's files, then rank 0 commits and prunes.
 
     DCP's coordinator writes ``.metadata`` only after gathering every rank's write results, and
     the gather below waits for every rank too, so ``COMMIT.json`` is written after all ranks
-    finished. Returns the record on rank 0, None elsewhere.
+    finished. ``committed`` is called on rank 0 between the commit and the prune (deleting an
+    old checkpoint is no part of writing this one). Returns the record on rank 0, None elsewhere.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     uri, path = store.uri_for(step), store.path_for(step)
     storage.ensure_dir(store.fs, path)
     with store.fs.open(storage.join(path, rank_file(rank)), "wb") as f:
         torch.save(rank_state, f)
-    dcp.save(state, process_group=group,
-             storage_writer=FsspecWriter(uri, thread_count=WRITE_THREADS, **_writer_options(uri)))
+    dcp.save(state, process_group=group, storage_writer=CheckpointWriter(
+        uri, files=WRITE_FILES, part_bytes=WRITE_PART_BYTES, **storage.storage_options(uri)))
     data_states: list = [None] * world
     dist.all_gather_object(data_states, rank_state["data"], group=group)
     if rank != 0:
         return None
     record = store.commit(CommitRecord(step=step, epoch=epoch, world=world, strategy=strategy,
                                        time=time.time(), data=data_states))
+    if committed is not None:
+        committed(record)
     store.prune(keep_last)
     return record
-
-
-def _writer_options(uri: str) -> dict:
-    options = storage.storage_options(uri)
-    if uri.startswith("s3://"):
-        options["default_block_size"] = WRITE_BLOCK_BYTES
-    return options
 
 
 def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, scheduler=None) -> dict | None:

@@ -1,16 +1,18 @@
 """The Checkpointer: when a rank's training loop saves, what it waits for, and what runs behind it.
 
 An asynchronous save copies the state into CPU memory (DCP's ``DefaultStager``, which reuses its
-buffers from one save to the next; pinned on GPU) and returns. The model (parameters and
-buffers, which a forward pass may change), the scheduler and the optimizer's param groups are
-copied before ``save()`` returns. The optimizer's state (for AdamW two thirds of the bytes) is
-copied on a staging thread while the next forward and backward run: only ``optimizer.step``
-changes it, and a pre-step hook on the optimizer waits for that copy first. Writing the files,
-gathering every rank's data position and committing run on one upload thread per rank, while
-training goes on. The next save first waits for the previous upload, so at most one checkpoint
-is in flight and staging never overwrites buffers still being read. A rank that dies during an
-upload leaves a directory without ``COMMIT.json``, which ``latest()`` ignores and the next prune
-removes: earlier checkpoints are never touched by a save.
+buffers from one save to the next; pinned on GPU) and returns. What only ``optimizer.step``
+changes -- the optimizer's state (for AdamW two thirds of the bytes) and the parameters it steps
+-- is copied on a staging thread while the next forward and backward run, and a pre-step hook
+on the optimizer waits for that copy first. The rest (buffers, which a forward pass may change,
+parameters the optimizer does not step, the scheduler, the param groups) is copied before
+``save()`` returns; it is a few MB in most models. (Code that changes parameters in place outside
+``optimizer.step``, between a save and the next step, would leak into that checkpoint.) Writing
+the files, gathering every rank's data position and committing run on one upload thread per
+rank, while training goes on. The next save first waits for the previous upload, so at most one
+checkpoint is in flight and staging never overwrites buffers still being read. A rank that dies
+during an upload leaves a directory without ``COMMIT.json``, which ``latest()`` ignores and the
+next prune removes: earlier checkpoints are never touched by a save.
 
 Why not ``dcp.async_save``: it uploads in the background too, but the commit must follow the
 upload on the same thread, after every rank finished, so the upload thread here runs the whole
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.tensor import DTensor
 
 from shipyard.checkpoint import dcp
 from shipyard.checkpoint.store import CheckpointStore, CommitRecord
@@ -43,7 +46,7 @@ class Saved:
 
     record: CommitRecord
     blocked_s: float   # the training loop's time inside save() and waiting in optimizer.step for the copy
-    total_s: float     # from save() until COMMIT.json was written
+    total_s: float     # from save() until COMMIT.json was written (the prune after it not counted)
 
 
 class Checkpointer:
@@ -54,7 +57,7 @@ class Checkpointer:
         self.store, self.strategy, self.keep_last = store, strategy, keep_last
         self.async_upload, self.on_commit = async_upload, on_commit
         self._pending: tuple[int, Future] | None = None
-        self._staging: Future | None = None  # the optimizer state's copy in flight
+        self._staging: Future | None = None  # the copy of what optimizer.step changes, in flight
         self._step_wait_s = 0.0               # time optimizer.step waited for it, this checkpoint
         self._hooks: dict[int, object] = {}   # id(optimizer) -> pre-step hook handle
         self._group = self._stager = self._background_stager = self._pool = None
@@ -78,10 +81,13 @@ class Checkpointer:
         if not self.async_upload:
             self._write(step, epoch, state, None, rank_state, t0, None)
             return time.monotonic() - t0
-        optimizer_state = state["optim"].pop("state")
+        stepped = _stepped_keys(state["model"], optimizer)
+        background = {"optim": state["optim"].pop("state"),
+                      "model": {k: v for k, v in state["model"].items() if k in stepped}}
+        state["model"] = {k: v for k, v in state["model"].items() if k not in stepped}
         staged = self._stager.stage(state)
         self._step_wait_s = 0.0
-        self._staging = self._background_stager.stage(optimizer_state)
+        self._staging = self._background_stager.stage(background)
         self._hook(optimizer)
         blocked_until = time.monotonic()
         self._pending = (step, self._pool.submit(self._write, step, epoch, staged, self._staging, rank_state,
@@ -99,16 +105,20 @@ class Checkpointer:
             futures.wait([staging])  # a failed copy is raised by the upload thread, not here
             self._step_wait_s += time.monotonic() - t0
 
-    def _write(self, step, epoch, state, optimizer_staging, rank_state, t0, blocked_until) -> None:
-        if optimizer_staging is not None:
-            state["optim"]["state"] = optimizer_staging.result()
+    def _write(self, step, epoch, state, background_staging, rank_state, t0, blocked_until) -> None:
+        if background_staging is not None:
+            background = background_staging.result()
+            state["optim"]["state"] = background["optim"]
+            state["model"] = {**background["model"], **state["model"]}
+        committed_at = []
         record = dcp.write(self.store, step=step, epoch=epoch, state=state, rank_state=rank_state,
-                           strategy=self.strategy, keep_last=self.keep_last, group=self._group)
+                           strategy=self.strategy, keep_last=self.keep_last, group=self._group,
+                           committed=lambda _: committed_at.append(time.monotonic()))
         if record is not None and self.on_commit is not None:
             now = time.monotonic()
             blocked = (now if blocked_until is None else blocked_until) - t0 + self._step_wait_s  # None: synchronous
             try:
-                self.on_commit(Saved(record, blocked, now - t0))
+                self.on_commit(Saved(record, blocked, committed_at[0] - t0))
             except Exception:  # reporting must never fail a committed checkpoint
                 log.exception("checkpoint at step %d committed, but reporting it failed", step)
 
@@ -136,3 +146,12 @@ class Checkpointer:
                 self._stager.close()
                 self._background_stager.close()
                 self._pool.shutdown(wait=False)
+
+
+def _stepped_keys(model_state: dict, optimizer) -> set[str]:
+    """Keys of the model's state dict whose tensors are parameters ``optimizer`` steps."""
+    def storage(t) -> int:
+        return (t.to_local() if isinstance(t, DTensor) else t).untyped_storage().data_ptr()
+
+    stepped = {storage(p) for group in optimizer.param_groups for p in group["params"]} - {0}
+    return {k for k, v in model_state.items() if isinstance(v, torch.Tensor) and storage(v) in stepped}

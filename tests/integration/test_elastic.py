@@ -36,8 +36,8 @@ class Node:
     """One `ray start --block` in its own process group, stopped (or killed) as a whole. It carries
     a resource named after it (``node_<name>``), so a test can tell which Ray node it is."""
 
-    def __init__(self, name: str, args: list[str], log: Path):
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **FAST_NODE_DEATH}
+    def __init__(self, name: str, args: list[str], log: Path, env: dict | None = None):
+        env = {**(env or os.environ), "RAY_USAGE_STATS_ENABLED": "0", **FAST_NODE_DEATH}
         self.name, self.log = f"node_{name}", open(log, "w")
         self.proc = subprocess.Popen([RAY, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
                                       f"--resources={json.dumps({self.name: 1})}", "--disable-usage-stats", *args],
@@ -56,10 +56,20 @@ class Node:
         self.log.close()
 
 
+def ray_env(address: str) -> dict:
+    """The environment of a process that joins ``address``: with the cluster token where the head
+    uses one (Ray 2.60 heads do once ~/.ray/auth_token exists), as `shipyard run` itself sends it."""
+    from shipyard.config import enable_ray_token_auth
+
+    env = {**os.environ, "RAY_ADDRESS": address}
+    enable_ray_token_auth(env)
+    return env
+
+
 def alive_nodes(address: str) -> int:
     out = subprocess.run([sys.executable, "-c", "import ray; ray.init(address=%r, log_to_driver=False); "
                           "print(sum(n['Alive'] for n in ray.nodes()))" % address],
-                         capture_output=True, text=True, timeout=60, env={**os.environ, "RAY_ADDRESS": address})
+                         capture_output=True, text=True, timeout=60, env=ray_env(address))
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
 
@@ -83,7 +93,7 @@ def driver_node(address: str) -> subprocess.Popen:
     """Started at once: prints the name of the node the run's Ray Train controller (and so the
     driver and its progress board) is on, which the test must not kill."""
     return subprocess.Popen([sys.executable, "-c", DRIVER_NODE, address], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "RAY_ADDRESS": address})
+                            stderr=subprocess.DEVNULL, text=True, env=ray_env(address))
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -131,7 +141,7 @@ def two_nodes(tmp_path):
 
     def add_node() -> Node:
         node = Node(str(len(nodes)), [f"--address={address}", f"--dashboard-agent-listen-port={free_port()}"],
-                    tmp_path / f"node{len(nodes)}.log")
+                    tmp_path / f"node{len(nodes)}.log", env=ray_env(address))
         nodes.append(node)
         return node
 

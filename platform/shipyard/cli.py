@@ -46,8 +46,8 @@ def run(
 
     spec = load_spec(spec_file, set_)
     w = spec.workers
-    console.print(f"[bold]{spec.name}[/bold]: {f'{w.min}-{w.count} (elastic)' if w.elastic else w.count} workers x {spec.workers.cpus:g} CPU"
-                  f"{f' + {spec.workers.gpus:g} GPU' if spec.workers.gpus else ''}, strategy {spec.strategy.kind}, "
+    console.print(f"[bold]{spec.name}[/bold]: {f'{w.min}-{w.count} (elastic)' if w.elastic else w.count} workers"
+                  f" x {w.cpus:g} CPU{f' + {w.gpus:g} GPU' if w.gpus else ''}, strategy {spec.strategy.kind}, "
                   f"data {spec.dataset.uri}")
     # A submitted job (the backend set SHIPYARD_REPORT_URL) also reports to the server and turns
     # SIGTERM into a checkpoint; for a user's own run the session does nothing.

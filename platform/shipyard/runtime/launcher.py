@@ -74,7 +74,7 @@ def connect(spec: JobSpec, settings: Settings) -> bool:
 
 def check_capacity(spec: JobSpec, local: bool) -> None:
     have = ray.cluster_resources()
-    n, field = (spec.workers.min, "workers.min") if spec.workers.elastic else (spec.workers.count, "workers.count")
+    n, field = spec.workers.fewest, "workers.min" if spec.workers.elastic else "workers.count"
     need_cpu = n * spec.workers.cpus
     need_gpu = n * spec.workers.gpus
     problems = []
@@ -84,7 +84,7 @@ def check_capacity(spec: JobSpec, local: bool) -> None:
     if need_gpu > have.get("GPU", 0):
         problems.append(f"{need_gpu:g} GPUs ({field} x workers.gpus), the cluster has {have.get('GPU', 0):g}")
     if problems and local:
-        raise UserError("workers: the job needs " + "; ".join(problems) + "; lower workers.count or the per-worker resources")
+        raise UserError("workers: the job needs " + "; ".join(problems) + f"; lower {field} or the per-worker resources")
 
 
 def _trainer(spec: JobSpec, board, settings: Settings):

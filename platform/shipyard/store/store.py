@@ -31,7 +31,7 @@ from shipyard.store.states import ACTIVE, JobState, StaleTransition, check_trans
 from shipyard.store.metrics import MetricsMixin
 from shipyard.store.runs import RunsMixin
 from shipyard.store.submits import GroupCommit, Submission
-from shipyard.store.tenancy import TenancyMixin
+from shipyard.store.tenancy import TenancyMixin, TokenCache
 
 MAX_PAGE = 1000
 _UNSET: Any = object()
@@ -48,6 +48,7 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
         self.engine = make_engine(url)
         self._writer = self.engine.execution_options(**{WRITE: True})
         self._submits = GroupCommit(self._writer)
+        self._tokens = TokenCache()
         self.url = self.engine.url.render_as_string(hide_password=True)
 
     @classmethod

@@ -45,17 +45,41 @@ def _check_quota(field: str, value: float | None) -> None:
 CACHE_MAX = 10_000  # distinct valid tokens remembered; past it the cache starts over
 
 
-class TenancyMixin:
-    """Needs ``self._read()`` and ``self._write()`` session context managers (see Store)."""
+class TokenCache:
+    """Valid tokens read from the database, with when they were read; one per store."""
 
-    _token_cache: dict[str, tuple[float, Token]] = {}
-    _token_generation = 0  # bumped by every forget: a read begun before it is not cached
-    _token_lock = threading.Lock()
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Token]] = {}
+        self.generation = 0  # bumped by every forget: a read begun before it is not cached
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, max_age_s: float) -> Token | None:
+        hit = self._entries.get(digest)
+        if hit is None or time.monotonic() - hit[0] > max_age_s:
+            return None
+        return hit[1]
+
+    def put(self, digest: str, token: Token, read_at: float, generation: int) -> None:
+        with self._lock:
+            if generation == self.generation:
+                if len(self._entries) >= CACHE_MAX:
+                    self._entries = {}
+                self._entries[digest] = (read_at, token)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._entries = {}
+            self.generation += 1
+
+
+class TenancyMixin:
+    """Needs ``self._read()`` and ``self._write()`` session context managers and a
+    ``self._tokens`` :class:`TokenCache` (see Store)."""
+
+    _tokens: TokenCache
 
     def _forget_tokens(self) -> None:
-        with self._token_lock:
-            self._token_cache = {}
-            self._token_generation += 1
+        self._tokens.forget()
 
     def create_tenant(self, name: str, *, max_gpus: float | None = None, max_cpus: float | None = None,
                       max_running_jobs: int | None = None, exist_ok: bool = False) -> Tenant:
@@ -150,26 +174,19 @@ class TenancyMixin:
             hit = self.cached_token(digest, max_age_s)
             if hit is not None:
                 return hit
-        read_at, generation = time.monotonic(), self._token_generation
+        read_at, generation = time.monotonic(), self._tokens.generation
         with self._read() as s:
             row = s.scalar(select(models.Token).where(models.Token.token_hash == digest))
         if row is None or row.revoked_at is not None:
             return None
         token = Token.of(row)
-        with self._token_lock:
-            if generation == self._token_generation:
-                if len(self._token_cache) >= CACHE_MAX or not self._token_cache:
-                    self._token_cache = {}  # a dict of this store's own, not the class default
-                self._token_cache[digest] = (read_at, token)
+        self._tokens.put(digest, token, read_at, generation)
         return token
 
     def cached_token(self, digest: str, max_age_s: float) -> Token | None:
         """A valid token's record from the cache if read at most ``max_age_s`` ago (no I/O:
         the API calls it on its event loop and goes to a thread only on a miss)."""
-        hit = self._token_cache.get(digest)
-        if hit is None or time.monotonic() - hit[0] > max_age_s:
-            return None
-        return hit[1]
+        return self._tokens.get(digest, max_age_s)
 
     def list_tokens(self, tenant: str | None = None) -> list[Token]:
         q = select(models.Token).order_by(models.Token.id)

@@ -1,15 +1,15 @@
 """Recovery benchmark: SIGKILL a worker process 5 times; how long until training runs again, and why.
 
-Runs the record-ids test job (2 CPU workers, gloo, checkpoints every 10 steps) through the same
-launcher as `shipyard run`, on a private local Ray. The job SIGKILLs one rank's process at 5 steps
+Runs the record-ids test job (2 CPU workers, gloo, checkpoints every 10 steps, uploaded in the
+background) through the same launcher as `shipyard run`, on a private local Ray. The job SIGKILLs one rank's process at 5 steps
 that are not checkpoint steps (once each), writing the kill time first. For each recovery it prints
 one JSON line with the seconds from the kill to the first step of the next attempt and the parts:
 
   detect      kill -> Ray Train's controller reports the failed attempt (health-check polling)
-  group_start -> the next attempt's rank 0 enters the train loop: Ray Train tears the old group
-                 down and starts a new one (actor processes, imports, train context, process group;
-                 Ray's controller log breaks this part down further at DEBUG level)
-  restore     -> the checkpoint is loaded (admission, strategy, DCP load)
+  group_start -> every rank has joined the next process-group generation: Ray Train starts one
+                 replacement worker (actor process, imports, its train context) while the
+                 surviving rank waits in its own process (runtime/regroup.py)
+  restore     -> rank 0 has loaded the checkpoint (process groups, strategy, DCP load)
   first_step  -> its first training step is done (data stream reopened at the saved position)
 
 and the steps lost. A summary line gives medians and the goal (<= 10 s per recovery).

@@ -1,6 +1,7 @@
 """Fault tolerance on a real Ray cluster (2 CPU workers, gloo, deterministic ops): worker processes
 SIGKILLed at random steps, a hung rank, and a bug that no restart fixes."""
 
+import json
 import random
 import re
 from pathlib import Path
@@ -61,6 +62,11 @@ def test_chaos_three_sigkills_end_with_the_weights_of_an_uninterrupted_run(shipy
         assert starts[i + 1] % 10 == 0 and step - 20 < starts[i + 1] < step, lines
         assert int(re.search(r"lost (\d+)", line).group(1)) == reached - starts[i + 1], line
     assert "finished" in lines[-1] and f"->{STEPS}" in lines[-1]
+
+    # Only the killed ranks got new processes: the survivor of each kill went on in its own.
+    for rank in (0, 1):
+        pids = {json.loads(line)["pid"] for line in (chaos / f"rank{rank}.jsonl").read_text().splitlines()}
+        assert len(pids) == 1 + sum(1 for _, r in kills if r == rank), (rank, pids, kills)
 
     a, b = torch.load(clean / "final.pt"), torch.load(chaos / "final.pt")
     for k in a:

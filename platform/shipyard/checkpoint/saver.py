@@ -139,13 +139,25 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            for hook in self._hooks.values():
-                hook.remove()
-            self._hooks.clear()
-            if self._stager is not None:
-                self._stager.close()
-                self._background_stager.close()
-                self._pool.shutdown(wait=False)
+            self._free()
+
+    def abandon(self, timeout_s: float = 10.0) -> None:
+        """After a failure: give the upload in flight ``timeout_s`` to end (a lost rank fails its
+        collectives, so it cannot commit), ignore how it ended, and free everything."""
+        if self._pending is not None:
+            futures.wait([self._pending[1]], timeout=timeout_s)
+            self._pending = None
+        self._free()
+
+    def _free(self) -> None:
+        for hook in self._hooks.values():
+            hook.remove()
+        self._hooks.clear()
+        if self._stager is not None:
+            self._stager.close()
+            self._background_stager.close()
+            self._pool.shutdown(wait=False)
+            self._stager = None
 
 
 def _stepped_keys(model_state: dict, optimizer) -> set[str]:

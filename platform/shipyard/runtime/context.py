@@ -295,6 +295,21 @@ class TrainContext:
 
             shutdown()
 
+    def abandon(self) -> None:
+        """Called by the platform when this generation fails: stop the watchdog, let an upload in
+        flight end (it cannot commit once a rank is gone) and free buffers, without raising. The
+        process group itself is dropped next (``regroup.leave``)."""
+        self._stop_watchdog()
+        if self._checkpointer is not None:
+            self._checkpointer.abandon()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self.spec.strategy.kind == "horovod":
+            from shipyard.parallel.horovod import shutdown
+
+            shutdown()
+
     def _stop_watchdog(self) -> None:
         if self._watchdog is not None:
             self._watchdog.stop()

@@ -94,11 +94,12 @@ def _trainer(spec: JobSpec, board, settings: Settings):
     from shipyard.runtime.attempts import AttemptsCallback
     from shipyard.runtime.worker import train_loop
 
-    torch_config = None
-    if spec.checkpoint:
-        from shipyard.runtime.preemption import PreemptionAwareTorchConfig
+    from shipyard.runtime.regroup import ShipyardTorchConfig
 
-        torch_config = PreemptionAwareTorchConfig(preemption_grace_s=spec.checkpoint.preemption_grace_s)
+    torch_config = ShipyardTorchConfig(
+        preemption_grace_s=spec.checkpoint.preemption_grace_s if spec.checkpoint else None,
+        # Replace only the lost ranks; the others stay (regroup.py). Not for a resize or a Horovod ring.
+        replace_failed_ranks=not spec.workers.elastic and spec.strategy.kind != "horovod")
     resources = {"CPU": spec.workers.cpus}
     if spec.workers.gpus:
         resources["GPU"] = spec.workers.gpus
@@ -111,7 +112,9 @@ def _trainer(spec: JobSpec, board, settings: Settings):
         callbacks.append(GrowWithCheckpoint(board, spec.checkpoint.preemption_grace_s))
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "board": board},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "board": board,
+                           "replace_failed_ranks": torch_config.replace_failed_ranks,
+                           "timeout_s": torch_config.timeout_s},
         torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=spec.workers.gpus > 0,
                                      resources_per_worker=resources,

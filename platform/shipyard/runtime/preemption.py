@@ -1,14 +1,15 @@
 """Preemption notice: SIGTERM to a worker (a Kubernetes eviction, a spot notice) becomes a checkpoint.
 
 Ray Train runs ``train(ctx)`` in a thread of the worker actor, and Python lets only the main
-thread install signal handlers; Ray's own handler there exits the process at once. So the
-torch backend below, after setting up the process group, runs :func:`install` on every worker
+thread install signal handlers; Ray's own handler there exits the process at once. So
+shipyard's torch backend (``runtime/regroup.py``) runs :func:`install` on every worker
 actor's main thread (``worker_group.execute`` is an ordinary actor call, and a training worker
 runs its calls on that thread). The handler only records the notice; the training loop reads it
 at the next step boundary, where every rank agrees on it in one tiny collective
 (:meth:`TrainContext.batches`), all ranks checkpoint at the same step, wait for the commit and
-raise :class:`Preempted`, and Ray Train restarts the worker group, which resumes from that
-checkpoint: no step is lost. If the checkpoint is not committed within ``grace_s`` of the
+raise :class:`Preempted`. The rank that got the notice leaves; Ray Train replaces it (or, for
+elastic and Horovod jobs, the whole group), and the next generation resumes from that
+checkpoint: no step is lost. Ranks without a notice stay for that generation (``regroup.py``). If the checkpoint is not committed within ``grace_s`` of the
 notice, the process exits as SIGTERM would have made it (status 143).
 """
 
@@ -19,10 +20,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-
-from ray.train.torch import TorchConfig
-from ray.train.torch.config import _TorchBackend  # the backend TorchConfig builds; extended below
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +77,3 @@ def install(grace_s: float) -> bool:
         return False
     signal.signal(signal.SIGTERM, lambda signum, frame: _on_sigterm(grace_s))
     return True
-
-
-class _PreemptionAwareBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config) -> None:
-        super().on_start(worker_group, backend_config)
-        worker_group.execute(install, backend_config.preemption_grace_s)
-
-
-@dataclass
-class PreemptionAwareTorchConfig(TorchConfig):
-    """TorchConfig whose workers turn SIGTERM into a checkpoint (see the module docstring)."""
-
-    preemption_grace_s: float = 30.0
-
-    @property
-    def backend_cls(self):
-        return _PreemptionAwareBackend

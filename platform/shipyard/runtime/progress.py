@@ -28,16 +28,57 @@ class ProgressBoard:
         self.beats: dict[int, Beat] = {}
         self.stall: Stall | None = None
         self.checkpoint: str | None = None
+        self.generation = Generation()
 
-    def admit(self, world: int | None = None) -> str | None:
-        """Asked by every rank before the user's code runs: None, or why no further attempt may run.
-        ``world`` is this attempt's number of ranks (an elastic job's changes from attempt to attempt)."""
-        opened = self.ledger.current is None
-        refused = self.ledger.admit(time.time(), world)
-        if opened and not refused:
-            self.beats, self.stall = {}, None
-            self.world = world or self.world
-        return refused
+    # -- process-group generations (see runtime/regroup.py) -------------------------------
+    def join(self, rank: int, world: int, master: tuple[str, int] | None) -> int:
+        """A rank is ready for a process group of ``world`` ranks (rank 0 brings the address the
+        group meets at). Returns the generation it joined; poll :meth:`formed` with it."""
+        g = self.generation
+        if g.state == "formed":  # a rank back from a generation that looked healthy: it broke
+            self._break(f"rank {rank} left the process group")
+        if g.state == "broken":
+            g.start_forming(world, time.time())
+        if g.state == "forming":
+            g.members[rank] = master
+            if len(g.members) >= g.world:
+                self._form()
+        return g.number
+
+    def formed(self, number: int) -> dict | None:
+        """None while generation ``number`` is forming; else where its ranks meet, or why they don't."""
+        g = self.generation
+        if number != g.number or g.state == "broken":
+            return {"superseded": True}
+        if g.state == "refused":
+            return {"refused": self.ledger.exhausted}
+        if g.state == "formed":
+            return {"master": g.members[0]}
+        return None
+
+    def broken(self, number: int, rank: int, cause: str) -> None:
+        """From a rank that lost a peer in generation ``number`` and stays to form the next one."""
+        if number == self.generation.number and self.generation.state == "formed":
+            self._break(f"rank {rank}: {cause}")
+
+    def _break(self, cause: str) -> None:
+        g = self.generation
+        if g.state == "formed":
+            g.state, g.cause = "broken", cause
+
+    def _form(self) -> None:
+        """Every rank joined: the attempt before ends (if no one said why: a broken process group),
+        and this one is admitted, or refused once max_failures is spent."""
+        g = self.generation
+        if self.ledger.current is not None:
+            self.ledger.end(g.forming_since, "failed", g.cause or "the process group broke")
+        if self.ledger.admit(g.forming_since, g.world):
+            g.state = "refused"
+            return
+        g.state = "formed"
+        self.ledger.mark(entered=time.time())
+        self.beats, self.stall = {}, None
+        self.world = g.world
 
     def update(self, *, step, total, epoch, samples_per_step, metrics, event=None, checkpoint=None,
                committed_step=None) -> None:
@@ -54,15 +95,13 @@ class ProgressBoard:
         elif event and event != "started":
             self.events.append((now, event))
 
-    def mark(self, **times: float) -> None:
-        self.ledger.mark(**times)
-
     def reached(self, step: int) -> None:
         """From a rank whose attempt is failing: the step it got to (for steps lost)."""
         self.ledger.progress(step, time.time())
 
     def attempt_failed(self, cause: str, kind: str) -> None:
-        """From Ray Train's controller (``AttemptsCallback``), before it restarts the worker group."""
+        """From Ray Train's controller (``AttemptsCallback``), before it replaces workers."""
+        self._break(cause)
         current = self.ledger.current
         if current is None:
             return
@@ -85,6 +124,22 @@ class ProgressBoard:
     def snapshot(self) -> dict:
         return {**self.state, "events": list(self.events), "attempts": self.ledger.to_dicts(),
                 "exhausted": self.ledger.exhausted, "user_error": self.ledger.user_error, "checkpoint": self.checkpoint}
+
+
+@dataclass
+class Generation:
+    """One process group of the run: formed once every rank joined, broken when one is lost."""
+
+    number: int = -1
+    state: str = "broken"  # forming | formed | broken | refused (no attempt may start: max_failures)
+    world: int = 0
+    members: dict = field(default_factory=dict)  # rank -> None, or rank 0's (address, port)
+    forming_since: float = 0.0
+    cause: str | None = None  # why the last formed generation broke, as a rank saw it
+
+    def start_forming(self, world: int, now: float) -> None:
+        self.number += 1
+        self.state, self.world, self.members, self.forming_since = "forming", world, {}, now
 
 
 @dataclass

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from shipyard.errors import UserError
 from shipyard.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 
 def load_entrypoint(spec: JobSpec, root: str | None = None) -> Callable:
@@ -39,10 +41,16 @@ def load_entrypoint(spec: JobSpec, root: str | None = None) -> Callable:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: the same for `shipyard run` and submitted jobs."""
+    """Ray Train's ``train_loop_per_worker``: the same for `shipyard run` and submitted jobs.
+
+    Each pass of the loop is one generation (``regroup.py``): form the process group, build a
+    TrainContext (which restores the last checkpoint) and run ``train(ctx)``. A rank that loses a
+    peer, when its job replaces failed ranks, leaves that generation and joins the next.
+    """
     import ray.train
     import ray.train.torch
 
+    from shipyard.runtime import preemption, regroup
     from shipyard.runtime.context import TrainContext
 
     spec = JobSpec.model_validate(config["spec"])
@@ -50,20 +58,35 @@ def train_loop(config: dict) -> None:
     # Ray unpacks the job's working_dir as our cwd; a Ray started by the caller (tests, an
     # in-process launch) has no runtime_env, so fall back to the spec's own workdir.
     root = os.getcwd() if (Path.cwd() / spec.entry_target).exists() else spec.workdir
-    entered = time.time()
-    board = config.get("board")
-    tc = ray.train.get_context()
-    if board is not None and ray.get(board.admit.remote(tc.get_world_size())) is not None:
-        return  # no further attempt allowed (max_failures, or a user error): the driver reports why
-    if board is not None and tc.get_world_rank() == 0:
-        board.mark.remote(entered=entered)  # for the recovery breakdown (tests/bench/recovery.py)
-    ctx = TrainContext(spec, rank=tc.get_world_rank(), world_size=tc.get_world_size(),
-                       local_rank=tc.get_local_rank(), device=ray.train.torch.get_device(),
-                       board=board)
-    try:
-        load_entrypoint(spec, root)(ctx)
-    except BaseException:
-        ctx._reached()  # rank 0's progress reports are up to a second old: say how far this rank got
-        raise
-    ctx.close()  # a checkpoint the user took last must be committed before the job ends
-    ctx._push(force=True, event="finished")
+    board, tc = config["board"], ray.train.get_context()
+    rank, world = tc.get_world_rank(), tc.get_world_size()
+    backend = "nccl" if spec.workers.gpus else "gloo"
+    train = load_entrypoint(spec, root)
+    while True:
+        generation = regroup.form(board, rank, world, backend, timeout_s=config.get("timeout_s", 1800))
+        if generation is None:
+            return  # no further attempt allowed (max_failures, or a user error): the driver reports why
+        ctx = TrainContext(spec, rank=rank, world_size=world, local_rank=tc.get_local_rank(),
+                           device=ray.train.torch.get_device(), board=board)
+        try:
+            train(ctx)
+        except BaseException as e:
+            ctx._reached()  # rank 0's progress reports are up to a second old: say how far this rank got
+            ctx.abandon()
+            regroup.leave()
+            stays = config.get("replace_failed_ranks") and (
+                isinstance(e, preemption.Preempted) and not preemption.requested() or regroup.is_peer_loss(e))
+            if not stays:
+                raise
+            log.warning("rank %d: %s; joining the next process group", rank, _first_line(e))
+            ray.get(board.broken.remote(generation, rank, _first_line(e)))
+            continue
+        ctx.close()  # a checkpoint the user took last must be committed before the job ends
+        ctx._push(force=True, event="finished")
+        regroup.leave()
+        return
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

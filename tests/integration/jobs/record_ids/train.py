@@ -33,6 +33,7 @@ def train(ctx):
         optimizer.step()
         with open(out / f"rank{ctx.rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": ctx.step, "epoch": ctx.epoch, "world": ctx.world_size, "t": time.time(),
+                                "pid": os.getpid(),
                                 "ids": batch["id"].tolist()}) + "\n")
         ctx.report(loss=loss)
         time.sleep(ctx.config.get("step_sleep_s", 0))

@@ -1,0 +1,123 @@
+"""Process groups by generation, and recovery in place: a lost rank is replaced, the others stay.
+
+Ray Train's stock torch backend builds the process group once per worker group, and after any
+failure Ray Train replaces the whole group: every rank pays a new process, ``import torch`` and
+the rest of its start-up again (about 10 s of a 15 s recovery on a 2-core machine, see
+tests/bench/recovery.py). shipyard's backend (:class:`ShipyardTorchConfig`) leaves the process
+group to the train loop instead, which forms one per *generation* through the run's
+``ProgressBoard``: every rank joins (:func:`form`), rank 0 brings the address the group meets at,
+and once all ``world`` ranks are in, each calls ``init_process_group``. A generation ends when a
+rank is lost.
+
+With ``replace_failed_ranks`` (every fixed-size job but Horovod's), the backend declares Ray
+Train *replica groups* of one worker each, so Ray Train replaces only the failed workers and
+leaves the others running. A surviving rank sees the loss as a communication error (gloo fails
+a collective within milliseconds of a peer's death: :func:`is_peer_loss`) or as a peer's
+preemption notice; the train loop then drops its process group and everything built on it
+(``TrainContext.abandon``), reports the generation broken, joins the next one with the
+replacement, and calls ``train(ctx)`` again, which restores the last committed checkpoint as
+any restart does. Everything else a rank raises still fails that rank. The user's code may
+therefore run ``train(ctx)`` more than once in one process; module-level state survives.
+
+Elastic jobs and Horovod keep whole-group restarts: an elastic resize changes the world size,
+which replica groups cannot, and Horovod's ring is not rebuilt in place here. A fixed-size job
+whose node is lost waits until the lost worker can be placed again (as a fixed-size group must).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import ray
+import torch.distributed as dist
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from shipyard.runtime import preemption
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05  # how often a rank asks the board whether its generation has formed
+WAIT_LOG_S = 30.0  # how often a rank waiting for the others says so
+
+
+@dataclass
+class ShipyardTorchConfig(TorchConfig):
+    """TorchConfig for shipyard's workers: the train loop forms the process group (see the module
+    docstring); SIGTERM becomes a checkpoint when ``preemption_grace_s`` is set (``preemption.py``)."""
+
+    preemption_grace_s: float | None = None
+    replace_failed_ranks: bool = False
+
+    @property
+    def backend_cls(self):
+        return _ReplaceFailedRanks if self.replace_failed_ranks else _Backend
+
+
+class _Backend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: ShipyardTorchConfig) -> None:
+        worker_group.execute(_set_torch_distributed_env_vars)
+        if backend_config.preemption_grace_s is not None:
+            worker_group.execute(preemption.install, backend_config.preemption_grace_s)
+
+    def on_shutdown(self, worker_group, backend_config) -> None:
+        pass  # each rank's train loop drops its own process group (leave); the workers may be dead
+
+
+class _ReplaceFailedRanks(_Backend):
+    has_replica_groups = True  # Ray Train: replace a failed worker alone (one worker per replica group)
+
+
+def form(board, rank: int, world: int, backend: str, timeout_s: float) -> int | None:
+    """Join the next generation and initialise the default process group with it.
+
+    Returns the generation's number, or None when no further attempt may start (max_failures
+    spent: the caller returns and the driver reports why)."""
+    from ray.train._internal.utils import get_address_and_port
+
+    since = last_log = time.monotonic()
+    while True:
+        master = get_address_and_port() if rank == 0 else None
+        number = ray.get(board.join.remote(rank, world, master))
+        while (state := ray.get(board.formed.remote(number))) is None:
+            if time.monotonic() - last_log > WAIT_LOG_S:
+                last_log = time.monotonic()
+                log.info("rank %d: waiting %.0fs for the other ranks to join process group %d",
+                         rank, last_log - since, number)
+            time.sleep(POLL_S)
+        if "refused" in state:
+            return None
+        if "superseded" in state:  # it broke again before it formed: join the next one
+            continue
+        address, port = state["master"]
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        return number
+
+
+def leave() -> None:
+    """Drop this rank's process groups (the default one and every group made from it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_peer_loss(error: BaseException) -> bool:
+    """Whether ``error`` says a peer of this rank's process group is gone (rather than this rank's
+    own failure): a torch.distributed error, or gloo's, anywhere in its chain of causes."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        e = stack.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "/gloo/" in str(e)):
+            return True
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> (exception, traceback)
+        if isinstance(failures, dict):
+            stack.extend(f[0] if isinstance(f, tuple) else f for f in failures.values())
+        stack.extend([e.__cause__, e.__context__])
+    return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,25 @@ def bucket(s3_endpoint):
     return name
 
 
+def stop_ray_node(proc: subprocess.Popen, sig: int = signal.SIGTERM, address: str | None = None) -> None:
+    """Stop a `ray start --block` started in its own process group: ``sig``, then SIGKILL for
+    whatever is left after 5 s (its raylet and workers can take 30 s to notice). ``address``: a
+    head's, whose record in /tmp/ray/ray_current_cluster is removed as `ray stop` would (a stale
+    one sends the State API of every later local cluster to a dead address)."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    current = Path("/tmp/ray/ray_current_cluster")
+    # Ray writes the machine's IP there, whatever --node-ip-address said: compare the GCS port.
+    if address and current.exists() and current.read_text().strip().rsplit(":", 1)[-1] == address.rsplit(":", 1)[-1]:
+        current.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """One Ray head for the whole session, started like a user's cluster (`ray start --head`).
@@ -74,8 +94,6 @@ def ray_address(tmp_path_factory):
     `--block` keeps the head's launcher in the foreground, so teardown stops this cluster only
     (`ray stop` would stop every Ray cluster on the machine, including another test session's).
     """
-    import signal
-
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     # The dashboard agent's port too: Ray's default (52365) is held by any other head on the
     # machine, and a head whose agent failed to bind refuses every Jobs API submission.
@@ -93,12 +111,7 @@ def ray_address(tmp_path_factory):
         wait_for_port(dash, timeout=60)
         yield address
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_ray_node(proc, address=address)
         log.close()
 
 

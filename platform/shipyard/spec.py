@@ -202,6 +202,7 @@ class JobSpec(_Model):
     checkpoint: Checkpoint | None = None
     metrics: Metrics = Metrics()
     max_failures: int = Field(0, ge=-1, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
+    restart_in_place: bool = Field(True, description="after a lost rank, start a new process for it alone; the other ranks rejoin in their own processes and run train(ctx) again from the last checkpoint (false: restart every rank; elastic and horovod jobs always do)")
     stall_timeout_s: float | None = Field(600.0, gt=0, description="a rank that finishes no step for this long fails the attempt (it restarts from the last checkpoint); null turns detection off")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for the workers")
     config: dict[str, Any] = Field(default_factory=dict, description="free-form values handed to train(ctx) as ctx.config")

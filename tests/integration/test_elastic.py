@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_for_port
+from conftest import free_port, stop_ray_node, wait_for_port
 
 pytestmark = pytest.mark.integration
 JOB = str(Path(__file__).parent / "jobs" / "record_ids" / "job.yaml")
@@ -43,16 +43,8 @@ class Node:
                                       f"--resources={json.dumps({self.name: 1})}", "--disable-usage-stats", *args],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def kill(self, sig=signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+    def kill(self, sig=signal.SIGKILL, address: str | None = None) -> None:
+        stop_ray_node(self.proc, sig, address)
         self.log.close()
 
 
@@ -153,7 +145,7 @@ def two_nodes(tmp_path):
         yield address, nodes, add_node
     finally:
         for node in reversed(nodes):
-            node.kill(signal.SIGTERM)
+            node.kill(signal.SIGTERM, address=address if node is head else None)
 
 
 @pytest.mark.parametrize("strategy", [

@@ -89,9 +89,9 @@ def check_capacity(spec: JobSpec, local: bool) -> None:
 
 def _trainer(spec: JobSpec, board, settings: Settings):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from shipyard.runtime.attempts import AttemptsCallback
+    from shipyard.runtime.trainer import ShipyardTrainer
     from shipyard.runtime.worker import train_loop
 
     from shipyard.runtime.regroup import ShipyardTorchConfig
@@ -99,7 +99,7 @@ def _trainer(spec: JobSpec, board, settings: Settings):
     torch_config = ShipyardTorchConfig(
         preemption_grace_s=spec.checkpoint.preemption_grace_s if spec.checkpoint else None,
         # Replace only the lost ranks; the others stay (regroup.py). Not for a resize or a Horovod ring.
-        replace_failed_ranks=not spec.workers.elastic and spec.strategy.kind != "horovod")
+        replace_failed_ranks=spec.restart_in_place and not spec.workers.elastic and spec.strategy.kind != "horovod")
     resources = {"CPU": spec.workers.cpus}
     if spec.workers.gpus:
         resources["GPU"] = spec.workers.gpus
@@ -110,7 +110,7 @@ def _trainer(spec: JobSpec, board, settings: Settings):
 
         num_workers = (spec.workers.min, spec.workers.count)
         callbacks.append(GrowWithCheckpoint(board, spec.checkpoint.preemption_grace_s))
-    return TorchTrainer(
+    return ShipyardTrainer(  # TorchTrainer without Ray's placement-group cleaner: see runtime/trainer.py
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "board": board,
                            "replace_failed_ranks": torch_config.replace_failed_ranks,

@@ -15,10 +15,10 @@ from shipyard.runtime.attempts import Ledger
 from shipyard.runtime.watchdog import Beat, Stall, beat, find_stall
 
 
-@ray.remote(num_cpus=0)
-class ProgressBoard:
-    """The driver-side record of a run: progress, events, attempts (see ``attempts.py``) and the
-    ranks' heartbeats (see ``watchdog.py``). Every method is quick; the actor is never a bottleneck."""
+class Board:
+    """The driver-side record of a run: progress, events, attempts (see ``attempts.py``), the
+    process-group generations (``regroup.py``) and the ranks' heartbeats (``watchdog.py``). Plain
+    Python; the run uses it as the :data:`ProgressBoard` actor. Every method is quick."""
 
     def __init__(self, max_failures: int = 0, world: int = 1, stall_timeout_s: float | None = None) -> None:
         self.state: dict = {"step": 0, "total": 0, "epoch": 0, "metrics": {}, "samples_per_step": 0}
@@ -124,6 +124,9 @@ class ProgressBoard:
     def snapshot(self) -> dict:
         return {**self.state, "events": list(self.events), "attempts": self.ledger.to_dicts(),
                 "exhausted": self.ledger.exhausted, "user_error": self.ledger.user_error, "checkpoint": self.checkpoint}
+
+
+ProgressBoard = ray.remote(num_cpus=0)(Board)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The progress board's process-group generations (runtime/progress.py, runtime/regroup.py):
 who may form a group, when an attempt opens and closes, and when max_failures stops the job."""
 
-from shipyard.runtime.progress import Board
+from shipyard.runtime.progress import LEAVE_GRACE_S, Board
 
 MASTER = ("127.0.0.1", 29500)
 
@@ -78,3 +78,17 @@ def test_a_whole_group_restart_at_another_size_forms_with_the_new_world():
     number = board.join(0, 1, MASTER)
     assert board.formed(number) == {"master": MASTER}
     assert [a["world"] for a in board.snapshot()["attempts"]] == [2, 1]
+
+
+def test_a_rank_stuck_in_a_broken_group_is_told_to_exit_after_the_grace_period():
+    board = Board(max_failures=3, world=2, stall_timeout_s=None)  # stall detection off: this still works
+    first = formed(board)
+    assert board.heartbeat(0, 5, False, first) is None  # healthy
+    board.attempt_failed("rank 1: worker process died", "failed")
+    assert board.heartbeat(0, 5, False, first) is None  # just broke: rank 0 may still be leaving
+    board.generation.broken_at -= LEAVE_GRACE_S
+    verdict = board.heartbeat(0, 5, False, first)
+    assert verdict.culprits == (0,) and not verdict.frozen
+    assert "rank 0 was still in process group 0" in verdict.message
+    second = board.join(1, 2, None)  # the next group forms without the stuck rank's old process
+    assert board.heartbeat(1, 0, False, second) is None

@@ -43,7 +43,7 @@ AGREE_EVERY_S = 1.0
 
 class TrainContext:
     def __init__(self, spec: JobSpec, *, rank: int, world_size: int, local_rank: int,
-                 device: torch.device, board=None):
+                 device: torch.device, board=None, generation: int | None = None):
         self.spec = spec
         self.config: dict[str, Any] = dict(spec.config)
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
@@ -52,7 +52,7 @@ class TrainContext:
         self.dims = parallel_dims(spec.strategy, world_size)
         self.dp_rank, self.dp_world = self.dims.dp_rank(rank), self.dims.dp
         self.step = 0
-        self._board = board
+        self._board, self._generation = board, generation  # generation: of the process group (regroup.py)
         self._model = self._optimizer = self._scheduler = None
         self._stream = ShardStream(
             spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=self.dp_rank, world=self.dp_world,
@@ -112,9 +112,9 @@ class TrainContext:
         if self._tb_wanted:
             self._tb = EventWriter(log_dir(self.spec), resumed_step=self.step)
         self._push(force=True, event="started")
-        if self._board is not None and self.spec.stall_timeout_s:
+        if self._board is not None and (self.spec.stall_timeout_s or self._generation is not None):
             self._watchdog = Watchdog(self._board, self.rank, self.spec.stall_timeout_s,
-                                      step=lambda: self.step, busy=lambda: self._busy)
+                                      step=lambda: self.step, busy=lambda: self._busy, generation=self._generation)
             self._watchdog.start()
         return (model, optimizer) if scheduler is None else (model, optimizer, scheduler)
 

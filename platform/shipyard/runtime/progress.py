@@ -14,6 +14,9 @@ import ray
 from shipyard.runtime.attempts import Ledger
 from shipyard.runtime.watchdog import Beat, Stall, beat, find_stall
 
+# A rank whose process group broke has this long to leave it before its process is made to exit.
+LEAVE_GRACE_S = 10.0
+
 
 class Board:
     """The driver-side record of a run: progress, events, attempts (see ``attempts.py``), the
@@ -64,7 +67,7 @@ class Board:
     def _break(self, cause: str) -> None:
         g = self.generation
         if g.state == "formed":
-            g.state, g.cause = "broken", cause
+            g.state, g.cause, g.broken_at = "broken", cause, time.time()
 
     def _form(self) -> None:
         """Every rank joined: the attempt before ends (if no one said why: a broken process group),
@@ -110,10 +113,21 @@ class Board:
         self.ledger.end(time.time(), kind, cause)
         self.events.append((time.time(), f"attempt {current.number} ended: {cause}"))
 
-    def heartbeat(self, rank: int, step: int, busy: bool) -> Stall | None:
+    def heartbeat(self, rank: int, step: int, busy: bool, generation: int | None = None) -> Stall | None:
+        now = time.time()
+        g = self.generation
+        left_behind = generation is not None and (generation < g.number or g.state == "broken")
+        if left_behind and g.broken_at is not None:
+            # This rank's process group broke, but its loop has not left it: it waits in a collective
+            # for the lost peer (NCCL does not fail one). Its process exits, so it is replaced too.
+            if now - g.broken_at < LEAVE_GRACE_S:
+                return None
+            message = (f"rank {rank} was still in process group {generation} {now - g.broken_at:.0f}s after it "
+                       f"broke (waiting for a lost peer); its process exits so that it is replaced")
+            self.events.append((now, message))
+            return Stall((rank,), False, message)
         if self.ledger.current is None or not self.stall_timeout_s:
             return None
-        now = time.time()
         self.beats[rank] = beat(self.beats.get(rank), step, busy, now)
         if self.stall is None:
             self.stall = find_stall(self.beats, self.world, now, self.stall_timeout_s)
@@ -139,6 +153,7 @@ class Generation:
     members: dict = field(default_factory=dict)  # rank -> None, or rank 0's (address, port)
     forming_since: float = 0.0
     cause: str | None = None  # why the last formed generation broke, as a rank saw it
+    broken_at: float | None = None  # when the last formed generation broke
 
     def start_forming(self, world: int, now: float) -> None:
         self.number += 1

@@ -13,6 +13,11 @@ every rank exits instead.
 A rank is armed once it has finished a step in the current attempt, so start-up (imports,
 compilation, the checkpoint load) never counts, and time spent waiting for a checkpoint commit
 counts as progress.
+
+The same thread gets a rank out of a process group that broke while the rank is stuck in one of
+its collectives (NCCL does not fail a collective when a peer dies; gloo does, at once): once the
+board has known of the break for ``LEAVE_GRACE_S``, the rank's process exits and is replaced
+(see ``regroup.py``). This runs whether or not ``stall_timeout_s`` is set.
 """
 
 from __future__ import annotations
@@ -72,15 +77,16 @@ def find_stall(beats: dict[int, Beat], world: int, now: float, timeout: float) -
 class Watchdog:
     """The per-rank thread: report the step, exit the process if the board names this rank."""
 
-    def __init__(self, board, rank: int, timeout: float, step: Callable[[], int], busy: Callable[[], bool]):
-        self.board, self.rank, self.timeout = board, rank, timeout
+    def __init__(self, board, rank: int, timeout: float | None, step: Callable[[], int], busy: Callable[[], bool],
+                 generation: int | None = None):
+        self.board, self.rank, self.timeout, self.generation = board, rank, timeout, generation
         self._step, self._busy = step, busy
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shipyard-watchdog", daemon=True)
 
     @property
     def interval(self) -> float:
-        return max(0.2, min(5.0, self.timeout / 4))
+        return max(0.2, min(5.0, self.timeout / 4)) if self.timeout else 5.0
 
     def start(self) -> None:
         self._thread.start()
@@ -93,8 +99,8 @@ class Watchdog:
 
         while True:  # the first report is immediate: it holds the step this attempt starts from
             try:
-                stall = ray.get(self.board.heartbeat.remote(self.rank, self._step(), self._busy()),
-                                timeout=self.timeout)
+                stall = ray.get(self.board.heartbeat.remote(self.rank, self._step(), self._busy(), self.generation),
+                                timeout=self.timeout or 30.0)
             except Exception as e:  # the driver is gone or busy: not this rank's failure
                 log.debug("watchdog heartbeat failed: %s", e)
                 stall = None

@@ -67,7 +67,7 @@ def train_loop(config: dict) -> None:
         if generation is None:
             return  # no further attempt allowed (max_failures, or a user error): the driver reports why
         ctx = TrainContext(spec, rank=rank, world_size=world, local_rank=tc.get_local_rank(),
-                           device=ray.train.torch.get_device(), board=board)
+                           device=ray.train.torch.get_device(), board=board, generation=generation)
         try:
             train(ctx)
         except BaseException as e:

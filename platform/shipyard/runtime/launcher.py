@@ -91,10 +91,9 @@ def _trainer(spec: JobSpec, board, settings: Settings):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     from shipyard.runtime.attempts import AttemptsCallback
+    from shipyard.runtime.regroup import ShipyardTorchConfig
     from shipyard.runtime.trainer import ShipyardTrainer
     from shipyard.runtime.worker import train_loop
-
-    from shipyard.runtime.regroup import ShipyardTorchConfig
 
     torch_config = ShipyardTorchConfig(
         preemption_grace_s=spec.checkpoint.preemption_grace_s if spec.checkpoint else None,

@@ -16,8 +16,8 @@ a collective within milliseconds of a peer's death: :func:`is_peer_loss`) or as 
 preemption notice; the train loop then drops its process group and everything built on it
 (``TrainContext.abandon``), reports the generation broken, joins the next one with the
 replacement, and calls ``train(ctx)`` again, which restores the last committed checkpoint as
-any restart does. Everything else a rank raises still fails that rank. The user's code may
-therefore run ``train(ctx)`` more than once in one process; module-level state survives.
+any restart does. Everything else a rank raises still fails that rank. ``train(ctx)`` may
+therefore run more than once in one process (its file is executed afresh each time).
 
 Elastic jobs and Horovod keep whole-group restarts: an elastic resize changes the world size,
 which replica groups cannot, and Horovod's ring is not rebuilt in place here. A fixed-size job

@@ -61,22 +61,23 @@ def train_loop(config: dict) -> None:
     board, tc = config["board"], ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
     backend = "nccl" if spec.workers.gpus else "gloo"
-    train = load_entrypoint(spec, root)
     while True:
         generation = regroup.form(board, rank, world, backend, timeout_s=config.get("timeout_s", 1800))
         if generation is None:
             return  # no further attempt allowed (max_failures, or a user error): the driver reports why
-        ctx = TrainContext(spec, rank=rank, world_size=world, local_rank=tc.get_local_rank(),
-                           device=ray.train.torch.get_device(), board=board, generation=generation)
+        ctx = None
         try:
+            train = load_entrypoint(spec, root)  # afresh each generation: module-level state starts over too
+            ctx = TrainContext(spec, rank=rank, world_size=world, local_rank=tc.get_local_rank(),
+                               device=ray.train.torch.get_device(), board=board, generation=generation)
             train(ctx)
         except BaseException as e:
-            ctx._reached()  # rank 0's progress reports are up to a second old: say how far this rank got
-            ctx.abandon()
+            if ctx is not None:
+                ctx._reached()  # rank 0's progress reports are up to a second old: say how far this rank got
+                ctx.abandon()
             regroup.leave()
-            stays = config.get("replace_failed_ranks") and (
-                isinstance(e, preemption.Preempted) and not preemption.requested() or regroup.is_peer_loss(e))
-            if not stays:
+            peer_left = isinstance(e, preemption.Preempted) and not preemption.requested()
+            if not (config.get("replace_failed_ranks") and (peer_left or regroup.is_peer_loss(e))):
                 raise
             log.warning("rank %d: %s; joining the next process group", rank, _first_line(e))
             ray.get(board.broken.remote(generation, rank, _first_line(e)))

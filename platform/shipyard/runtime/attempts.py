@@ -148,9 +148,9 @@ def describe_failure(worker_exceptions: dict[int, BaseException]) -> tuple[str, 
         if isinstance(e, RayActorError):
             if "its node has died" in str(e):
                 return _clip(f"rank {rank}: its node died ({_node_death(e)})"), "failed"
-            return _clip(f"rank {rank}: worker process died ({first_line(e)})"), "failed"
+            return _clip(f"rank {rank}: worker process died ({_first_line(e)})"), "failed"
     rank, e = next(iter(errors.items()))
-    return _clip(f"rank {rank}: {type(e).__name__}: {first_line(e)}"), "failed"
+    return _clip(f"rank {rank}: {type(e).__name__}: {_first_line(e)}"), "failed"
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -168,11 +168,10 @@ def _node_death(e: BaseException) -> str:
     for line in lines:
         if "node was terminated" in line:
             return line.removeprefix("the actor's ")
-    return next((line.split(". Node Id")[0] for line in lines if "node has died" in line), first_line(e))
+    return next((line.split(". Node Id")[0] for line in lines if "node has died" in line), _first_line(e))
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
+def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

@@ -283,23 +283,26 @@ class TrainContext:
 
     def close(self) -> None:
         """Called by the platform after ``train(ctx)`` returns: commit what is in flight, free buffers."""
-        self._release(failed=False)
+        self._stop_watchdog()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        if self._tb is not None:  # after the last commit: its blocking time is a point too
+            self._tensorboard(self._meter.flush())
+            self._tb.close()
+            self._tb = None
+        if self.spec.strategy.kind == "horovod":
+            from shipyard.parallel.horovod import shutdown
+
+            shutdown()
 
     def abandon(self) -> None:
-        """Called by the platform when this generation fails: as :meth:`close`, but an upload in
-        flight is only given time to end (it cannot commit once a rank is gone), and nothing
-        raises. The process group itself is dropped next (``regroup.leave``)."""
-        self._release(failed=True)
-
-    def _release(self, failed: bool) -> None:
+        """Called by the platform when this generation fails: stop the watchdog, let an upload in
+        flight end (it cannot commit once a rank is gone) and free buffers, without raising. The
+        process group itself is dropped next (``regroup.leave``)."""
         self._stop_watchdog()
-        if self._checkpointer is not None and failed:
+        if self._checkpointer is not None:
             self._checkpointer.abandon()
-        elif self._checkpointer is not None:
-            self._checkpointer.close()
         if self._tb is not None:
-            if not failed:  # after the last commit: its blocking time is a point too
-                self._tensorboard(self._meter.flush())
             self._tb.close()
             self._tb = None
         if self.spec.strategy.kind == "horovod":

@@ -18,7 +18,7 @@ from shipyard.checkpoint import CheckpointStore
 from shipyard.config import Settings, forwarded_env
 from shipyard.data import read_manifest
 from shipyard.data.manifest import check_shards
-from shipyard.errors import DataError, UserError, chain
+from shipyard.errors import DataError, UserError
 from shipyard.spec import JobSpec
 
 POLL_S = 1.0  # the driver shares the machine with the workers: poll gently
@@ -180,9 +180,19 @@ def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
 
 def explain(error: BaseException) -> tuple[str, bool]:
     """The root cause of a failed run, and whether it is the user's to fix."""
-    seen = list(chain(error))
-    user = next((e for e in seen if isinstance(e, UserError)), None)
-    if user is not None:
-        return str(user), True
+    seen: list[BaseException] = []
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, UserError):
+            return str(e), True
+        for attr in ("worker_failures", "failures"):
+            failures = getattr(e, attr, None)
+            if isinstance(failures, dict):
+                stack.extend(failures.values())
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     root = seen[-1] if seen else error
     return f"{type(root).__name__}: {root}", False

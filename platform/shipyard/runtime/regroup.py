@@ -36,7 +36,6 @@ import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
-from shipyard.errors import chain
 from shipyard.runtime import preemption
 
 log = logging.getLogger(__name__)
@@ -107,6 +106,18 @@ def leave() -> None:
 
 def is_peer_loss(error: BaseException) -> bool:
     """Whether ``error`` says a peer of this rank's process group is gone (rather than this rank's
-    own failure): a torch.distributed error, or gloo's, anywhere in what it carries."""
-    return any(isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "/gloo/" in str(e))
-               for e in chain(error))
+    own failure): a torch.distributed error, or gloo's, anywhere in its chain of causes."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        e = stack.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "/gloo/" in str(e)):
+            return True
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> (exception, traceback)
+        if isinstance(failures, dict):
+            stack.extend(f[0] if isinstance(f, tuple) else f for f in failures.values())
+        stack.extend([e.__cause__, e.__context__])
+    return False

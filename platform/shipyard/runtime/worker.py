@@ -51,7 +51,6 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     from shipyard.runtime import preemption, regroup
-    from shipyard.runtime.attempts import first_line
     from shipyard.runtime.context import TrainContext
 
     spec = JobSpec.model_validate(config["spec"])
@@ -80,12 +79,15 @@ def train_loop(config: dict) -> None:
             peer_left = isinstance(e, preemption.Preempted) and not preemption.requested()
             if not (config.get("replace_failed_ranks") and (peer_left or regroup.is_peer_loss(e))):
                 raise
-            cause = f"{type(e).__name__}: {first_line(e)}"
-            log.warning("rank %d: %s; joining the next process group", rank, cause)
-            ray.get(board.broken.remote(generation, rank, cause))
+            log.warning("rank %d: %s; joining the next process group", rank, _first_line(e))
+            ray.get(board.broken.remote(generation, rank, _first_line(e)))
             continue
         ctx.close()  # a checkpoint the user took last must be committed before the job ends
         ctx._push(force=True, event="finished")
         regroup.leave()
         return
 
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -162,6 +162,22 @@ def server(
                                                    help="URL job drivers use to reach this server")] = None,
     ray_cpus: Annotated[float | None, typer.Option(help="logical CPUs of the local Ray head")] = None,
     interval: Annotated[float, typer.Option(help="seconds between scheduler ticks")] = 2.0,
+    package_store: Annotated[str | None, typer.Option(envvar="SHIPYARD_PACKAGE_STORE",
+                                                      help="where uploaded code packages go: a directory or "
+                                                           "s3://bucket/prefix (default: <data dir>/packages; "
+                                                           "--backend kuberay needs s3://)")] = None,
+    max_package_mb: Annotated[float, typer.Option(envvar="SHIPYARD_MAX_PACKAGE_MB", min=0.001,
+                                                  help="largest code package (zip) accepted, MiB")] = 100.0,
+    storage_root: Annotated[str | None, typer.Option(envvar="SHIPYARD_STORAGE_ROOT",
+                                                     help="each tenant's default storage root is <this>/<tenant>/ "
+                                                          "(s3://bucket/prefix; a local path needs --allow-local-storage)")] = None,
+    shared_root: Annotated[list[str], typer.Option(help="a read-only root every tenant may read (repeat)")] = [],
+    allow_local_storage: Annotated[bool, typer.Option("--allow-local-storage",
+                                                      help="allow local paths as storage roots (jobs then read and "
+                                                           "write this machine's disk)")] = False,
+    shared_ray_trust: Annotated[bool, typer.Option("--shared-ray-trust",
+                                                   help="let several tenants share the Ray cluster, which does not "
+                                                        "isolate jobs from each other (one trust domain)")] = False,
 ) -> None:
     """Run the job service: REST API and scheduler, over a store and a Ray cluster."""
     import logging
@@ -173,7 +189,10 @@ def server(
 
     serve(ServerOptions(host=host, port=port, data_dir=Path(data_dir), ray_address=ray_address,
                         database_url=database_url, backend=backend, auth=not no_auth, public_url=public_url,
-                        interval_s=interval, ray_cpus=ray_cpus), say=lambda m: console.print(m, highlight=False))
+                        interval_s=interval, ray_cpus=ray_cpus, package_store=package_store,
+                        max_package_mb=max_package_mb,
+                        storage_root=storage_root, shared_roots=tuple(shared_root),
+                        allow_local_storage=allow_local_storage, shared_ray_trust=shared_ray_trust), say=lambda m: console.print(m, highlight=False))
 
 
 @app.command()
@@ -181,14 +200,45 @@ def submit(
     file: Annotated[str, typer.Option("-f", "--file", metavar="JOB.yaml", help="the job spec")],
     set_: Annotated[list[str], typer.Option("--set", metavar="FIELD=VALUE", help="override a spec field")] = [],
     follow: Annotated[bool, typer.Option("--follow", help="stream the job's output until it ends")] = False,
+    max_package_mb: Annotated[float | None, typer.Option(envvar="SHIPYARD_MAX_PACKAGE_MB", show_envvar=False,
+                                                         help="cap on the job directory's code package, MiB "
+                                                              "(default: SHIPYARD_MAX_PACKAGE_MB or 100)")] = None,
     url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
-    """Queue a job on the server; prints its id."""
-    with _client(url, token) as c:
-        job_id = c.submit(file, set_)
+    """Queue a job on the server; prints its id. The job's workdir is packed and uploaded (once
+    per content: an unchanged directory is not sent again), honouring .gitignore and .shipyardignore."""
+    from shipyard.client import Client
+
+    with Client(url, token, max_package_mb=max_package_mb) as c:
+        job_id = c.submit(file, set_, on_upload=_upload_view)
         console.print(job_id, highlight=False)
         if follow:
             _follow(c, job_id)
+
+
+UPLOAD_BAR_BYTES = 8 << 20  # uploads smaller than this get one line, larger ones a progress bar
+
+
+def _upload_view(package):
+    """Announce an upload on stderr (stdout carries only the job id); a bar for large ones."""
+    size = f"{package.bytes / (1 << 20):.1f} MiB"
+    line = f"uploading {size} code package {package.digest[:19]}… ({package.files} files from {package.source})"
+    if package.bytes < UPLOAD_BAR_BYTES or not err_console.is_terminal:
+        err_console.print(line, highlight=False)
+        return None
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    progress = Progress(TextColumn(line), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                        console=err_console)
+    task = progress.add_task("upload", total=package.bytes)
+    progress.start()
+
+    def update(sent: int, total: int) -> None:
+        progress.update(task, completed=sent)
+        if sent >= total:
+            progress.stop()
+
+    return update
 
 
 def _follow(c, job_id: str) -> None:
@@ -348,11 +398,37 @@ def admin_create_tenant(name: Annotated[str, typer.Argument(help="tenant name")]
                         max_gpus: Annotated[float | None, typer.Option(help="GPU quota")] = None,
                         max_cpus: Annotated[float | None, typer.Option(help="CPU quota")] = None,
                         max_running_jobs: Annotated[int | None, typer.Option(help="jobs holding resources at once")] = None,
+                        storage_root: Annotated[list[str], typer.Option(help="a storage root its jobs may read and "
+                                                                             "write, besides the server's default (repeat)")] = [],
+                        read_only_root: Annotated[list[str], typer.Option(help="a root its jobs may only read (repeat)")] = [],
+                        priority: Annotated[int, typer.Option(help="tenant priority: its jobs may preempt jobs of "
+                                                                   "tenants with a lower one")] = 0,
                         data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
-    """Create a tenant (a team with quotas)."""
+    """Create a tenant (a team with quotas, storage roots and a priority)."""
+    roots = [(r, True) for r in storage_root] + [(r, False) for r in read_only_root]
     with _store(data_dir, database_url) as store:
-        t = store.create_tenant(name, max_gpus=max_gpus, max_cpus=max_cpus, max_running_jobs=max_running_jobs)
+        t = store.create_tenant(name, max_gpus=max_gpus, max_cpus=max_cpus, max_running_jobs=max_running_jobs,
+                                storage_roots=roots, priority=priority)
     console.print(f"tenant {t.name} created", highlight=False)
+
+
+@admin_app.command("set-tenant")
+def admin_set_tenant(name: Annotated[str, typer.Argument(help="tenant name")],
+                     storage_root: Annotated[list[str] | None, typer.Option(help="replace its read-write roots (repeat)")] = None,
+                     read_only_root: Annotated[list[str] | None, typer.Option(help="replace its read-only roots (repeat)")] = None,
+                     priority: Annotated[int | None, typer.Option(help="its tenant priority")] = None,
+                     data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
+    """Change a tenant's storage roots or priority (what is not given is kept)."""
+    with _store(data_dir, database_url) as store:
+        t = store.get_tenant(name)
+        if storage_root is not None or read_only_root is not None:
+            rw = [(u, True) for u in storage_root] if storage_root is not None else [r for r in t.storage_roots if r[1]]
+            ro = [(u, False) for u in read_only_root] if read_only_root is not None else [r for r in t.storage_roots if not r[1]]
+            t = store.set_storage(name, rw + ro)
+        if priority is not None:
+            t = store.set_priority(name, priority)
+    roots = ", ".join(u + ("" if w else " (read-only)") for u, w in t.storage_roots) or "none granted"
+    console.print(f"tenant {t.name}: priority {t.priority}; storage roots: {roots}", highlight=False)
 
 
 @admin_app.command("create-token")

@@ -11,13 +11,21 @@ Errors are typed (:class:`NotFound`, :class:`Conflict`, :class:`InvalidSpec`, :c
 :class:`Forbidden`, :class:`ServerError`, :class:`Unreachable`); each is a
 :class:`~shipyard.errors.UserError`, so the CLI prints its message and exits 2 without a traceback.
 The message is the server's, which names the field for an invalid spec.
+
+``submit`` ships the job's code: the spec's ``workdir`` is packed on this machine
+(:mod:`shipyard.package`), uploaded unless the server already has that package for this tenant,
+and the spec is sent with ``workdir: "."`` and ``package: sha256:...``; the server never reads
+the submitter's directory, which may be deleted as soon as ``submit`` returns. Every submit
+carries an ``Idempotency-Key`` (one uuid4 per call) and is retried with the same key after a
+transport error, so a retried submit never queues a second job.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +94,22 @@ def client_config(env: dict[str, str] | None = None) -> tuple[str, str | None]:
     return url.rstrip("/"), env.get("SHIPYARD_TOKEN") or file.get("token")
 
 
+SUBMIT_RETRIES = 3         # a POST /v1/jobs is retried this often (same Idempotency-Key) on transport errors
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
+UPLOAD_CHUNK = 1 << 20
+
+Progress = Callable[[int, int], None]  # (bytes sent so far, total bytes) during an upload
+
+
 class Client:
-    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
+                 max_package_mb: float | None = None):
+        """``max_package_mb``: the cap on a job directory's code package (default:
+        ``SHIPYARD_MAX_PACKAGE_MB``, else 100 MiB)."""
         env_url, env_token = client_config()
         self.url = (url or env_url).rstrip("/")
         self.token = token or env_token
+        self.max_package_mb = max_package_mb
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -105,27 +124,98 @@ class Client:
 
     # -- transport -------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, **kw) -> httpx.Response:
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise Unreachable(f"cannot reach the shipyard server at {self.url}: {e} "
-                              "(set SHIPYARD_URL, or start one with `shipyard server`)") from None
-        if r.status_code >= 400:
+    def _request(self, method: str, path: str, *, retries: int = 0, ok: tuple[int, ...] = (), **kw) -> httpx.Response:
+        """One call; ``retries`` more after a transport error (only for requests that are safe to
+        repeat: idempotent by method, content address or Idempotency-Key). ``ok``: error statuses
+        returned instead of raised."""
+        for attempt in range(retries + 1):
+            try:
+                r = self._http.request(method, path, **kw)
+                break
+            except httpx.TransportError as e:
+                if attempt < retries:
+                    time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+                    continue
+                raise Unreachable(f"cannot reach the shipyard server at {self.url}: {e} "
+                                  "(set SHIPYARD_URL, or start one with `shipyard server`)") from None
+        if r.status_code >= 400 and r.status_code not in ok:
             raise _error(r)
         return r
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit(self, spec: Any, overrides: list[str] | None = None) -> str:
-        """Queue a job; ``spec``: a JobSpec, a dict, or a path to a YAML file (validated and
-        resolved here first, as ``shipyard run`` does). Returns the job id."""
+    def submit(self, spec: Any, overrides: list[str] | None = None,
+               on_upload: Callable[[Any], Progress | None] | None = None) -> str:
+        """Queue a job; ``spec``: a path to a YAML file (validated and resolved here first, as
+        ``shipyard run`` does), a JobSpec, or a dict (sent as is). The workdir of a path or a
+        JobSpec is packed and uploaded first (see the module docstring); a JobSpec that already
+        names a ``package`` is sent as is. ``on_upload(package)`` is called before an upload and
+        may return a ``progress(sent, total)`` callback. Returns the job id."""
         if isinstance(spec, (str, Path)):
             from shipyard.spec import load_spec
 
             spec = load_spec(spec, overrides)
-        body = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
-        return self._request("POST", "/v1/jobs", json=body).json()["id"]
+        if hasattr(spec, "model_dump"):
+            if spec.package is None and Path(spec.workdir).is_dir():
+                spec = spec.model_copy(update={"workdir": ".", "package": self.upload(spec.workdir, on_upload)})
+            body = spec.model_dump(mode="json")
+        else:
+            body = spec
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        return self._request("POST", "/v1/jobs", json=body, headers=key, retries=SUBMIT_RETRIES).json()["id"]
+
+    def has_package(self, digest: str) -> bool:
+        """Whether this tenant has uploaded the package (``HEAD /v1/packages/{digest}``)."""
+        try:
+            r = self._request("HEAD", f"/v1/packages/{digest}", ok=(404,), retries=SUBMIT_RETRIES)
+        except ApiError as e:  # a HEAD answer has no body to carry the server's message
+            raise type(e)(f"HEAD /v1/packages/{digest}: {e.status} {e} ("
+                          + ("check SHIPYARD_TOKEN or --token)" if e.status in (401, 403) else "see the server's log)"),
+                          e.status, e.code) from None
+        return r.status_code == 200
+
+    def upload(self, directory: str | Path, on_upload: Callable[[Any], Progress | None] | None = None) -> str:
+        """Pack ``directory`` and upload it unless this tenant's server already has it; returns
+        the package's digest. The local zip is deleted before this returns."""
+        import shutil
+        import tempfile
+
+        from shipyard.package import max_package_bytes, pack
+
+        tmp = tempfile.mkdtemp(prefix="shipyard-package-")
+        try:
+            package = pack(directory, tmp, max_package_bytes(self.max_package_mb))
+            if not self.has_package(package.digest):
+                progress = on_upload(package) if on_upload is not None else None
+                self._put_package(package, progress)
+            return package.digest
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _put_package(self, package, progress: Progress | None) -> None:
+        total = package.bytes
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            with open(package.path, "rb") as f:
+                while chunk := f.read(UPLOAD_CHUNK):
+                    sent += len(chunk)
+                    yield chunk
+                    if progress is not None:
+                        progress(sent, total)
+
+        # Content-Length is set, so the body streams from the file without Transfer-Encoding: chunked.
+        # A new generator per try: a PUT of a content-addressed package is safe to repeat.
+        headers = {"Content-Type": "application/zip", "Content-Length": str(total)}
+        for attempt in range(SUBMIT_RETRIES + 1):
+            try:
+                self._request("PUT", f"/v1/packages/{package.digest}", content=chunks(), headers=headers,
+                              timeout=httpx.Timeout(self._http.timeout.connect, write=300.0, read=300.0))
+                return
+            except Unreachable:
+                if attempt == SUBMIT_RETRIES:
+                    raise
+                time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
 
     def get(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}").json()

@@ -11,20 +11,28 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shipyard.errors import SpecError
 
 _ENTRYPOINT = re.compile(r"^(?P<target>[\w./-]+\.py|[A-Za-z_][\w.]*):(?P<func>[A-Za-z_]\w*)$")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+RESERVED_ENV_PREFIXES = ("SHIPYARD_", "RAY_")
+MAX_CONFIG_BYTES = 65_536
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every number finite (a NaN CPU count would poison every scheduler tick), every string capped.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_max_length=4096)
+
+
+_URI = 2048          # characters in a dataset/checkpoint/TensorBoard URI
+_DAY = 86_400.0
 
 
 _QUANTITY = re.compile(r"^(?P<n>\d+(\.\d+)?)(?P<unit>|k|M|G|T|Ki|Mi|Gi|Ti)$")
+_MAX_MEMORY = 64 * 2**40
 _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
@@ -35,14 +43,15 @@ class Workers(_Model):
     a checkpoint and the data stream repartitions exactly, so no sample is skipped or repeated."""
 
     count: int = Field(2, ge=1, le=4096, description="number of training processes (ranks); the most, for an elastic job")
-    cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker")
-    gpus: float = Field(0.0, ge=0, description="GPUs per worker; > 0 selects CUDA + NCCL")
-    memory: str | None = Field(None, description="memory per worker, a Kubernetes quantity such as 8Gi or 512M; "
+    cpus: float = Field(1.0, ge=0.01, le=1024, description="CPUs reserved per worker (quotas count each "
+                                                           "worker's CPUs rounded up to a whole CPU)")
+    gpus: float = Field(0.0, ge=0, le=64, description="GPUs per worker; > 0 selects CUDA + NCCL")
+    memory: str | None = Field(None, max_length=32, description="memory per worker, a Kubernetes quantity such as 8Gi or 512M; "
                                                  "reserved in Ray and requested from Kubernetes")
-    pool: str | None = Field(None, description="node pool for the workers on Kubernetes (a name from the server's config)")
+    pool: str | None = Field(None, max_length=63, description="node pool for the workers on Kubernetes (a name from the server's config)")
     min: int | None = Field(None, ge=1, le=4096, description="elastic: the fewest workers the job runs with")
     max: int | None = Field(None, ge=1, le=4096, description="elastic: the most workers (sets workers.count)")
-    resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often a running job checks whether "
+    resize_interval_s: float = Field(60.0, ge=1, le=_DAY, description="elastic: how often a running job checks whether "
                                                              "more workers fit (growing costs a checkpoint and a restart)")
 
     @model_validator(mode="before")
@@ -74,8 +83,13 @@ class Workers(_Model):
     @field_validator("memory")
     @classmethod
     def _memory(cls, v: str | None) -> str | None:
-        if v is not None and not _QUANTITY.match(v):
+        if v is None:
+            return v
+        m = _QUANTITY.match(v)
+        if not m:
             raise ValueError("must be a quantity such as 8Gi, 512Mi, 4G or a number of bytes")
+        if float(m["n"]) * _UNITS[m["unit"]] > _MAX_MEMORY:
+            raise ValueError("must be at most 64Ti per worker")
         return v
 
     @property
@@ -116,7 +130,7 @@ class TensorStrategy(_Model):
     model's TP plan; groups of ``tp`` workers form data-parallel replicas."""
 
     kind: Literal["tensor"] = "tensor"
-    tp: int = Field(2, ge=1, description="workers that split each layer; workers.count must be a multiple")
+    tp: int = Field(2, ge=1, le=4096, description="workers that split each layer; workers.count must be a multiple")
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
 
 
@@ -125,8 +139,8 @@ class PipelineStrategy(_Model):
     points into ``stages`` consecutive stages; each batch runs as ``microbatches`` microbatches."""
 
     kind: Literal["pipeline"] = "pipeline"
-    stages: int = Field(2, ge=2, description="pipeline stages; workers.count must be a multiple")
-    microbatches: int = Field(4, ge=1, description="microbatches per batch; must divide dataset.batch_size")
+    stages: int = Field(2, ge=2, le=4096, description="pipeline stages; workers.count must be a multiple")
+    microbatches: int = Field(4, ge=1, le=4096, description="microbatches per batch; must divide dataset.batch_size")
     schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="1f1b (less activation memory) or gpipe")
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
 
@@ -135,8 +149,8 @@ class HybridStrategy(_Model):
     """FSDP x TP on a 2-D mesh: ``tp`` workers split each layer, ``dp_shard`` groups shard the rest."""
 
     kind: Literal["hybrid"] = "hybrid"
-    tp: int = Field(2, ge=1, description="tensor-parallel degree (inner mesh dimension)")
-    dp_shard: int | None = Field(None, ge=1, description="FSDP degree (outer); default workers.count / tp")
+    tp: int = Field(2, ge=1, le=4096, description="tensor-parallel degree (inner mesh dimension)")
+    dp_shard: int | None = Field(None, ge=1, le=4096, description="FSDP degree (outer); default workers.count / tp")
     mixed_precision: Literal["bf16", "none"] = Field("bf16", description="compute dtype on GPU; CPU always runs fp32")
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
 
@@ -148,22 +162,22 @@ Strategy = DDPStrategy | HorovodStrategy | FSDPStrategy | TensorStrategy | Pipel
 
 
 class Dataset(_Model):
-    uri: str = Field(description="directory holding a shard manifest, written by `shipyard data shard`")
-    eval_uri: str | None = Field(None, description="optional held-out dataset for ctx.eval_batches()")
+    uri: str = Field(max_length=_URI, description="directory holding a shard manifest, written by `shipyard data shard`")
+    eval_uri: str | None = Field(None, max_length=_URI, description="optional held-out dataset for ctx.eval_batches()")
     format: Literal["auto", "arrow", "parquet"] = Field("auto", description="shard format; auto: as the manifest says")
-    batch_size: int = Field(32, ge=1, description="rows per batch on each rank")
+    batch_size: int = Field(32, ge=1, le=1 << 20, description="rows per batch on each rank")
     shuffle: bool = True
-    seed: int = Field(0, ge=0, description="shuffle seed; the order is a pure function of (seed, epoch, world)")
-    epochs: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="shuffle seed; the order is a pure function of (seed, epoch, world)")
+    epochs: int = Field(1, ge=1, le=1_000_000)
 
 
 class Checkpoint(_Model):
-    uri: str = Field(description="where checkpoints go: s3://bucket/prefix, file://, or a path")
-    every_steps: int | None = Field(None, ge=1)
-    every_seconds: float | None = Field(None, gt=0)
-    keep_last: int | None = Field(3, ge=1, description="committed checkpoints to keep; null keeps all")
+    uri: str = Field(max_length=_URI, description="where checkpoints go: s3://bucket/prefix, file://, or a path")
+    every_steps: int | None = Field(None, ge=1, le=10**9)
+    every_seconds: float | None = Field(None, ge=1, le=7 * _DAY)
+    keep_last: int | None = Field(3, ge=1, le=10_000, description="committed checkpoints to keep; null keeps all")
     async_upload: bool = Field(True, description="upload in the background; training waits only for a copy to CPU memory")
-    preemption_grace_s: float = Field(30.0, gt=0, description="after SIGTERM to a worker, seconds to commit a checkpoint before exiting")
+    preemption_grace_s: float = Field(30.0, gt=0, le=3600, description="after SIGTERM to a worker, seconds to commit a checkpoint before exiting")
 
 
 class Metrics(_Model):
@@ -171,10 +185,10 @@ class Metrics(_Model):
 
     tensorboard: bool = Field(False, description="rank 0 also writes TensorBoard event files: every reported "
                                                  "metric and the built-ins, one point per step")
-    tensorboard_dir: str | None = Field(None, description="where event files go: a local path (relative to the spec "
+    tensorboard_dir: str | None = Field(None, max_length=_URI, description="where event files go: a local path (relative to the spec "
                                                           "file) or file://; default <SHIPYARD_HOME>/tensorboard/<name> "
                                                           "on rank 0's node")
-    tokens_key: str | None = Field(None, description="batch key whose element count is a step's tokens (tokens_per_s); "
+    tokens_key: str | None = Field(None, max_length=128, description="batch key whose element count is a step's tokens (tokens_per_s); "
                                                      "default: the first 2-D integer tensor in the batch")
 
     @field_validator("tensorboard_dir")
@@ -192,19 +206,23 @@ class Metrics(_Model):
 
 class JobSpec(_Model):
     name: str = Field(description="lower-case letters, digits and '-', at most 63 characters")
-    entrypoint: str = Field(description="`file.py:function` (relative to workdir) or `module:function`")
+    entrypoint: str = Field(max_length=512, description="`file.py:function` (relative to workdir) or `module:function`")
     workdir: str = Field(".", description="directory shipped to the workers; relative to the spec file")
+    package: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$",
+                                description="the uploaded code package (set by `shipyard submit`, which packs workdir)")
     workers: Workers = Workers()
     strategy: Strategy = Field(DDPStrategy(), discriminator="kind")
-    image: str | None = Field(None, description="worker container image on Kubernetes (default: the server's)")
+    image: str | None = Field(None, max_length=512, description="worker container image on Kubernetes (default: the server's)")
     priority: int = Field(0, ge=-1000, le=1000, description="queue priority; higher runs first and may preempt lower")
     dataset: Dataset
     checkpoint: Checkpoint | None = None
     metrics: Metrics = Metrics()
-    max_failures: int = Field(0, ge=-1, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
+    max_failures: int = Field(0, ge=-1, le=10_000, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
     restart_in_place: bool = Field(True, description="after a lost rank, start a new process for it alone; the other ranks rejoin in their own processes and run train(ctx) again from the last checkpoint (false: restart every rank; elastic and horovod jobs always do)")
-    stall_timeout_s: float | None = Field(600.0, gt=0, description="a rank that finishes no step for this long fails the attempt (it restarts from the last checkpoint); null turns detection off")
-    env: dict[str, str] = Field(default_factory=dict, description="environment variables for the workers")
+    stall_timeout_s: float | None = Field(600.0, ge=1, le=7 * _DAY, description="a rank that finishes no step for this long fails the attempt (it restarts from the last checkpoint); null turns detection off")
+    env: dict[str, str] = Field(default_factory=dict, max_length=256,
+                                description="environment variables for the workers (names SHIPYARD_* and RAY_* are the "
+                                            "platform's and refused)")
     config: dict[str, Any] = Field(default_factory=dict, description="free-form values handed to train(ctx) as ctx.config")
 
     @field_validator("name")
@@ -212,6 +230,30 @@ class JobSpec(_Model):
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError("must be lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"{key[:80]!r} is not a variable name (letters, digits and '_', at most 128)")
+            if key.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"{key} is set by the platform; names starting with "
+                                 f"{' or '.join(RESERVED_ENV_PREFIXES)} are reserved")
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _config_size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        try:
+            n = len(json.dumps(v))
+        except (TypeError, ValueError):
+            raise ValueError("must hold only JSON values (strings, finite numbers, booleans, lists, mappings)") from None
+        if n > MAX_CONFIG_BYTES:
+            raise ValueError(f"is {n} bytes as JSON; at most {MAX_CONFIG_BYTES}")
         return v
 
     @field_validator("entrypoint")
@@ -340,17 +382,22 @@ def apply_override(raw: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise SpecError(f"--set {override!r}: {part} is not a mapping")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    from shipyard.untrusted import load_yaml
+
+    node[parts[-1]] = load_yaml(value, f"--set {key}")
 
 
-def spec_from_dict(raw: Any, source: str = "spec", base: Path | None = None) -> JobSpec:
-    """Validate a raw mapping. Local paths are resolved against ``base`` (default: cwd)."""
+def spec_from_dict(raw: Any, source: str = "spec", base: Path | None = None, resolve: bool = True) -> JobSpec:
+    """Validate a raw mapping. Local paths are resolved against ``base`` (default: cwd), unless
+    ``resolve`` is false (the server: a path relative to *its* directory means nothing)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping of fields at the top level, got {type(raw).__name__}")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
+    if not resolve:
+        return spec
     base = base or Path.cwd()
     update: dict[str, Any] = {"workdir": _resolve_path(spec.workdir, base)}
     update["dataset"] = spec.dataset.model_copy(update={
@@ -367,17 +414,17 @@ def spec_from_dict(raw: Any, source: str = "spec", base: Path | None = None) -> 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read, override and validate a YAML job spec; checks that a file entrypoint exists."""
+    from shipyard.untrusted import MAX_DOCUMENT_BYTES, load_yaml
+
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as e:
         raise SpecError(f"{path}: cannot read job spec: {e.strerror or e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes; a job spec is a few KiB")
+    raw = load_yaml(data, str(path))
     raw = {} if raw is None else raw
     for o in overrides or []:
         if not isinstance(raw, dict):

@@ -32,7 +32,11 @@ Each mode saves ``--saves`` times (default 3, ``keep_last=1``, so retention runs
 is reported. The last lines are ratios: async blocked / sync blocked (goal <= 0.05) and upload
 throughput / plain put (goal >= 0.8).
 
-Run: python tests/bench/checkpoint.py [--layers N] [--saves K] [--quick]
+On a GPU (``--device cuda``) the model and its optimizer state live on the device and the rank's
+default process group is NCCL, as in a job with ``workers.gpus``: the copy to CPU memory is then a
+device-to-host copy into pinned buffers (tests/gpu/proof.py runs it with ``--stores local``).
+
+Run: python tests/bench/checkpoint.py [--layers N] [--saves K] [--quick] [--device cpu|cuda] [--stores local,s3]
 """
 
 from __future__ import annotations
@@ -76,9 +80,9 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto server did not start")
 
 
-def make_job(layers: int):
+def make_job(layers: int, device: torch.device = torch.device("cpu")):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(layers)])
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(layers)]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_step(model, opt)  # creates the optimizer state
     return model, opt
@@ -87,7 +91,7 @@ def make_job(layers: int):
 def train_step(model, opt) -> None:
     """Forward, backward and an AdamW step on a small batch: touches every parameter and state tensor."""
     opt.zero_grad(set_to_none=True)
-    model(torch.randn(16, 2048)).square().mean().backward()
+    model(torch.randn(16, 2048, device=next(model.parameters()).device)).square().mean().backward()
     opt.step()
 
 
@@ -157,27 +161,43 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="Linear(2048, 2048) layers; 24 is ~100.7M parameters")
     ap.add_argument("--saves", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="4 layers, 2 saves: a smoke run")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the model and optimizer state live (cuda: NCCL default group, as in a GPU job)")
+    ap.add_argument("--stores", default="local,s3", help="comma-separated: local (a temp dir), s3 (a moto server)")
     args = ap.parse_args()
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if not stores or set(stores) - {"local", "s3"}:
+        ap.error(f"--stores: got {args.stores!r}; expected local, s3 or both, comma-separated")
     if args.quick:
         args.layers, args.saves = 4, 2
 
     torch.set_num_threads(2)
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    moto, endpoint = start_moto()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    else:
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    moto = None
     tmp = tempfile.mkdtemp(prefix="shipyard-bench-ckpt-")
     try:
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                          SHIPYARD_S3_ENDPOINT=endpoint)
-        import boto3
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        if "s3" in stores:
+            moto, endpoint = start_moto()
+            os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                              AWS_DEFAULT_REGION="us-east-1", SHIPYARD_S3_ENDPOINT=endpoint)
+            import boto3
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
 
-        model, opt = make_job(args.layers)
+        model, opt = make_job(args.layers, device)
         params = sum(p.numel() for p in model.parameters())
         emit(bench="checkpoint", params=params, layers=args.layers, saves=args.saves,
-             torch=torch.__version__, threads=torch.get_num_threads())
+             torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
+             state_GB=round(sum(p.numel() * p.element_size() * 3 for p in model.parameters()) / 1e9, 3),
+             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
         results = {}
-        for store, base in (("local", os.path.join(tmp, "ck")), ("s3", "s3://bench/ck")):
+        bases = {"local": os.path.join(tmp, "ck"), "s3": "s3://bench/ck"}
+        for store, base in ((s, bases[s]) for s in stores):
             # The newest local synchronous checkpoint is the set of files a plain upload moves.
             put = PlainPut(os.path.join(tmp, "ck-sync"), os.path.join(tmp, "plain") if store == "local"
                            else "s3://bench/plain")
@@ -188,7 +208,7 @@ def main() -> None:
                 emit(store=store, mode=mode, **r)
             results[store, "plain_put"] = r = put.result()
             emit(store=store, mode="plain_put", **r)
-        for store in ("local", "s3"):
+        for store in stores:
             sync, asyn, put = results[store, "sync"], results[store, "async"], results[store, "plain_put"]
             emit(ratio="async_blocked/sync_blocked", store=store, value=round(asyn["blocked_s"] / sync["blocked_s"], 4),
                  goal="<= 0.05")
@@ -196,8 +216,9 @@ def main() -> None:
             emit(ratio="upload_MBps/plain_put_MBps", store=store, value=round(sync["MB_per_s"] / put["MB_per_s"], 3),
                  each_pair=[round(x, 3) for x in pairs], goal=">= 0.8")
     finally:
-        moto.terminate()
-        moto.wait(10)
+        if moto is not None:
+            moto.terminate()
+            moto.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
         dist.destroy_process_group()
 

@@ -17,7 +17,7 @@ KEY = b"test-report-key"
 
 
 def spec(name="train", **extra):
-    return {"name": name, "entrypoint": "train.py:train", "dataset": {"uri": "/data/digits"},
+    return {"name": name, "entrypoint": "train:train", "dataset": {"uri": "/data/digits"},
             "workers": {"count": 2, "cpus": 1}, **extra}
 
 
@@ -88,7 +88,7 @@ def test_invalid_specs_are_422_naming_the_field_like_the_cli(api):
     assert "spec: entrypoint: required field is missing" in msg and "spec: dataset: required field is missing" in msg
     assert "expected a mapping" in error(api.post("/v1/jobs", json=[1, 2], headers=h(api, "a")), 422)
     assert "not valid JSON" in error(api.post("/v1/jobs", content=b"{", headers={**h(api, "a"), "Content-Type": "application/json"}), 400)
-    assert "not valid YAML at line" in error(api.post("/v1/jobs", content=b"name: [x", headers={
+    assert "body:2:1: not valid YAML" in error(api.post("/v1/jobs", content=b"name: [x", headers={
         **h(api, "a"), "Content-Type": "application/yaml"}), 400)
     assert "application/json or application/yaml" in error(api.post("/v1/jobs", content=b"x", headers={
         **h(api, "a"), "Content-Type": "text/csv"}), 415)
@@ -97,7 +97,7 @@ def test_invalid_specs_are_422_naming_the_field_like_the_cli(api):
 
 
 def test_yaml_body_is_accepted(api):
-    body = b"name: from-yaml\nentrypoint: train.py:train\ndataset: {uri: /data/d}\nworkers: {count: 1}\n"
+    body = b"name: from-yaml\nentrypoint: train:train\ndataset: {uri: /data/d}\nworkers: {count: 1}\n"
     r = api.post("/v1/jobs", content=body, headers={**h(api, "a"), "Content-Type": "application/yaml"})
     assert r.status_code == 201, r.text
     assert api.get(f"/v1/jobs/{r.json()['id']}", headers=h(api, "a")).json()["spec"]["workers"]["count"] == 1

@@ -15,9 +15,11 @@ import datetime
 import pytest
 from kubernetes import client
 
-from shipyard.backends.base import State
+from shipyard.backends.base import BackendError, State
 from shipyard.backends.kuberay import KubeRayBackend
 from shipyard.backends.kuberay_manifest import KubeRayConfig, NodePool, build_rayjob, rayjob_name
+from shipyard.errors import SpecError
+from shipyard.packages import PackageStore
 from shipyard.spec import spec_from_dict
 
 pytest.importorskip("kmock")
@@ -46,10 +48,10 @@ def k8s(kmock):
     return kmock
 
 
-def backend(k8s, clock=lambda: T0.timestamp(), **changes) -> KubeRayBackend:
+def backend(k8s, clock=lambda: T0.timestamp(), packages=None, **changes) -> KubeRayBackend:
     api = client.ApiClient(client.Configuration(host=str(k8s.url).rstrip("/")))
     config = KubeRayConfig(**{**CONFIG.__dict__, **changes})
-    return KubeRayBackend(config, api_client=api, clock=clock)
+    return KubeRayBackend(config, api_client=api, clock=clock, packages=packages)
 
 
 def call(fn, *args, **kwargs):
@@ -115,6 +117,28 @@ async def test_submit_creates_the_rayjob_and_follows_it_to_success(k8s):
 
     # Submitting again (the server died before storing the handle) finds the same RayJob.
     assert await call(be.submit, "job-1", spec(), "team-a") == handle
+
+
+PACKAGE = "sha256:" + "cd" * 32
+
+
+async def test_a_code_package_runs_from_object_storage_and_a_local_store_is_refused(k8s, tmp_path):
+    packaged = spec().model_copy(update={"package": PACKAGE})
+    local = backend(k8s, packages=PackageStore(tmp_path / "packages"))
+    with pytest.raises(SpecError, match=r"package: .*local directory.*--package-store s3://"):
+        local.check_package(packaged)  # what the API asks before queueing the job
+    with pytest.raises(BackendError, match=r"job-p1: package: .*--package-store s3://"):
+        await call(local.submit, "job-p1", packaged, "team-a")
+    assert not k8s["post", k8s.resource("ray.io/v1/rayjobs")]
+    local.check_package(spec())  # a job without a package (its code in the image) is fine
+
+    remote = backend(k8s, packages=PackageStore("s3://packages/shipyard"))
+    remote.check_package(packaged)
+    await call(remote.submit, "job-p2", packaged, "team-a")
+    create, = k8s["post", k8s.resource("ray.io/v1/rayjobs")]
+    uri = "s3://packages/shipyard/team-a/" + "cd" * 32 + ".zip"
+    assert create.data == build_rayjob("job-p2", packaged, "team-a", CONFIG, package_uri=uri)
+    assert uri in create.data["spec"]["runtimeEnvYAML"]
 
 
 async def test_a_failed_job_surfaces_the_operator_reason(k8s):

@@ -22,17 +22,33 @@ EXE = str(Path(sys.executable).parent / "shipyard")
 
 
 class Server:
-    def __init__(self, data_dir: Path, ray_address: str, env: dict):
+    """``shipyard server`` in a subprocess. Its ``default`` tenant may write under ``roots``
+    (local storage allowed) and read ``read_only``; every job URI must lie under one of them."""
+
+    def __init__(self, data_dir: Path, ray_address: str, env: dict, roots: tuple[Path, ...] = (),
+                 read_only: tuple[Path, ...] = (), args: tuple[str, ...] = ()):
         self.data_dir, self.ray_address, self.env = data_dir, ray_address, env
+        self.roots, self.read_only, self.args = roots, read_only, args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.logs = data_dir.parent / f"server-{self.port}.log"
 
+    def _grant(self) -> None:
+        from shipyard.store import Store
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with Store.open(None, data_dir=self.data_dir) as store:
+            store.create_tenant("default", exist_ok=True)
+            store.set_storage("default", [(str(r), True) for r in self.roots] + [(str(r), False) for r in self.read_only])
+
     def start(self) -> "Server":
+        if self.proc is None and (self.roots or self.read_only):
+            self._grant()
         log = open(self.logs, "a")
         self.proc = subprocess.Popen([EXE, "server", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                                      "--ray-address", self.ray_address, "--interval", "0.5"],
+                                      "--ray-address", self.ray_address, "--interval", "0.5",
+                                      "--allow-local-storage", *self.args],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -69,8 +85,8 @@ def digits(tmp_path_factory):
 
 
 @pytest.fixture
-def server(tmp_path, ray_address, cli_env):
-    s = Server(tmp_path / "server", ray_address, cli_env).start()
+def server(tmp_path, ray_address, cli_env, digits):
+    s = Server(tmp_path / "server", ray_address, cli_env, roots=(tmp_path,), read_only=(digits,)).start()
     yield s
     if s.proc.poll() is None:
         assert s.stop() == 0, s.logs.read_text()[-3000:]
@@ -188,19 +204,25 @@ def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_che
     The low job (priority 0) takes all 4 CPUs; the high one (priority 10) needs 2. The loop
     preempts the low one (its driver SIGTERMs the workers, which checkpoint at the step they are
     at), requeues it, runs the high one, then re-admits the low one, which resumes from that
-    checkpoint: every step runs exactly once across its two runs."""
+    checkpoint: every step runs exactly once across its two runs.
+
+    The preemption must land mid-run: the high job is submitted only once the low one has
+    reported an attempt (before that it is STARTING and the loop holds off preempting it, for as
+    long as the driver's next report takes), and the low job's steps are slowed so that its 460
+    cannot all run before the stop reaches them."""
     from shipyard.client import Client
 
     client = Client(server.url, server.token)
     low_out, high_out = tmp_path / "low", tmp_path / "high"
     # every_steps=1000 is never reached: the only checkpoints are the preemption's and the final one.
     low = submit(server, digits, low_out, "--set", "dataset.epochs=20", "--set", "workers.cpus=2",
-                 "--set", "checkpoint.every_steps=1000", "--set", "name=low")
-    deadline = time.monotonic() + 120
-    while not (low_out / "rank0.jsonl").exists() or len(steps_run(low_out)) < 5:
+                 "--set", "checkpoint.every_steps=1000", "--set", "name=low", "--set", "config.step_sleep_s=0.02")
+    deadline = time.monotonic() + 180
+    while not (low_out / "rank0.jsonl").exists() or len(steps_run(low_out)) < 5 or not client.get(low)["attempts"]:
         assert time.monotonic() < deadline, json.dumps(client.get(low))[:3000]
         time.sleep(0.2)
     high = submit(server, digits, high_out, "--set", "priority=10", "--set", "name=high")
+    asked_at = len(steps_run(low_out))
 
     done = wait(client, high, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=150)
     assert done["state"] == "SUCCEEDED", json.dumps(done)[:3000]
@@ -210,6 +232,14 @@ def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_che
     job = wait(client, low, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=150)
     assert job["state"] == "SUCCEEDED", json.dumps(job)[:3000]
     states = [e["message"].split(":")[0] for e in job["events"] if e["kind"] == "state"]
+    total, ran = job["total_steps"], steps_run(low_out)
+    if "PREEMPTED -> SUCCEEDED (finished)" in states:
+        # Counted as finished before the stop reached it: true only if it trained to the end.
+        assert ran == list(range(1, total + 1)), (
+            f"BUG: the preempted low job was recorded SUCCEEDED ('finished') after {len(ran)} of its {total} "
+            f"steps (last {ran[-1:]}): the run did not train to the end. attempts={job['attempts']}")
+        pytest.skip(f"timing: the low job trained all {total} steps in its first run, before the preemption (asked for at step "
+                    f"{asked_at}) stopped it, which is correctly SUCCEEDED; the resume was not exercised")
     assert states == ["QUEUED -> ADMITTED", "ADMITTED -> RUNNING", "RUNNING -> PREEMPTED (preempted)",
                       "PREEMPTED -> QUEUED (preempted)", "QUEUED -> ADMITTED", "ADMITTED -> RUNNING",
                       "RUNNING -> SUCCEEDED"], states
@@ -219,8 +249,7 @@ def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_che
     # The workers checkpointed on the preemption notice; the second run resumed from there.
     assert first["committed_step"] and second["start_step"] == first["committed_step"] > 0, job["attempts"]
     assert not first["steps_lost"]
-    total = job["total_steps"]
-    assert steps_run(low_out) == list(range(1, total + 1))  # no step twice, none lost
+    assert ran == list(range(1, total + 1))  # no step twice, none lost
     committed = [c["step"] for c in job["checkpoints"] if c["committed"]]
     assert committed == [first["committed_step"], total], committed
     # The high job started once the low one had stopped; the low one came back only once the

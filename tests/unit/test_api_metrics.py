@@ -15,7 +15,7 @@ from shipyard.store import JobState as S
 from shipyard.store import Store
 
 KEY = b"test-report-key"
-SPEC = {"name": "train", "entrypoint": "train.py:train", "dataset": {"uri": "/data/digits"},
+SPEC = {"name": "train", "entrypoint": "train:train", "dataset": {"uri": "/data/digits"},
         "workers": {"count": 2, "cpus": 1}}
 
 
@@ -25,6 +25,7 @@ def api(tmp_path):
     store.create_tenant("a")
     client = TestClient(create_app(store, config=ApiConfig(report_key=KEY)))
     client.token = store.create_token("a")[0]
+    client.admin = store.create_token("a", admin=True)[0]
     client.store = store
     yield client
     store.close()
@@ -77,7 +78,10 @@ def test_prometheus_has_bounded_series_for_running_jobs_only(api):
     attempts = [{"number": 1, "start": t0 - 60, "end": t0 - 30, "kind": "failed", "cause": "oom", "steps_lost": 7},
                 {"number": 2, "start": t0 - 20, "start_step": 5}]
     job_id = running_job(api, [(40, t0, {"loss": 0.5, **many})], attempts)
-    text = api.get("/metrics").text
+    # Per-job series name jobs and tenants: not for an anonymous scrape, nor for a user's token.
+    assert job_id not in api.get("/metrics").text and job_id not in api.get("/metrics", headers=auth(api)).text
+    assert "shipyard_jobs{" in api.get("/metrics").text
+    text = api.get("/metrics", headers={"Authorization": f"Bearer {api.admin}"}).text
     labels = f'job="{job_id}",name="train",tenant="a"'
     assert f"shipyard_job_step{{{labels}}} 40.0" in text
     assert f"shipyard_job_progress{{{labels}}} 0.4" in text
@@ -86,4 +90,4 @@ def test_prometheus_has_bounded_series_for_running_jobs_only(api):
     assert f'shipyard_job_metric{{job="{job_id}",metric="loss",name="train",tenant="a"}} 0.5' in text
     assert text.count("shipyard_job_metric{") == MAX_METRICS_PER_JOB
     api.store.transition(job_id, api.store.get_job(job_id).state, S.CANCELLED)
-    assert job_id not in api.get("/metrics").text  # finished jobs leave no series behind
+    assert job_id not in api.get("/metrics", headers={"Authorization": f"Bearer {api.admin}"}).text  # finished jobs leave none

@@ -191,6 +191,35 @@ def test_labels_annotations_lifecycle_and_env():
             assert JobSpec.model_validate_json(env[SPEC_ENV]) == spec
 
 
+PACKAGE = "sha256:" + "ab" * 32
+PACKAGE_URI = "s3://packages/shipyard/team-a/" + "ab" * 32 + ".zip"
+
+
+def test_a_code_package_in_object_storage_is_the_working_dir(rayjob_schema):
+    spec = make_spec().model_copy(update={"package": PACKAGE})
+    obj = validate(rayjob_schema, build_rayjob("job-1", spec, "team-a", CONFIG, package_uri=PACKAGE_URI))
+    assert yaml.safe_load(obj["spec"]["runtimeEnvYAML"]) == {"working_dir": PACKAGE_URI}
+    for tmpl in (obj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"], worker_group(obj)["template"]):
+        env = {e["name"]: e["value"] for e in tmpl["spec"]["containers"][0]["env"]}
+        # Ray downloads an s3:// working_dir with boto3, which reads this, not SHIPYARD_S3_ENDPOINT.
+        assert env["AWS_ENDPOINT_URL_S3"] == "http://minio.storage:9000"
+    head_env = {e["name"]: e["value"] for e in obj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+                ["containers"][0]["env"]}
+    driver_spec = JobSpec.model_validate_json(head_env[SPEC_ENV])
+    assert driver_spec.workdir == "." and driver_spec.package == PACKAGE  # the driver runs in the unpacked package
+
+
+def test_without_a_package_the_workdir_is_the_images_and_there_is_no_runtime_env():
+    obj = build_rayjob("job-1", make_spec(), "team-a", CONFIG)
+    assert "runtimeEnvYAML" not in obj["spec"]
+    head_env = {e["name"]: e["value"] for e in obj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+                ["containers"][0]["env"]}
+    assert JobSpec.model_validate_json(head_env[SPEC_ENV]).workdir == "/opt/shipyard/jobs/digits"
+    assert "AWS_ENDPOINT_URL_S3" not in head_env
+    with pytest.raises(ValueError, match="object storage"):
+        build_rayjob("job-1", make_spec(), "team-a", CONFIG, package_uri="/srv/packages/a.zip")
+
+
 def test_names_are_valid_and_stable():
     assert rayjob_name("42") == "sy-42"
     long = rayjob_name("x" * 100)

@@ -7,12 +7,14 @@ run it over SQLite alone.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from shipyard.api import dashboard, errors, routes_jobs, routes_ops, routes_report
+from shipyard.api import dashboard, errors, routes_jobs, routes_ops, routes_packages, routes_report
+from shipyard.api.intake import StoragePolicy
 from shipyard.api.metrics import ServerMetrics
 
 MAX_BODY_BYTES = 1 << 20
@@ -24,6 +26,7 @@ class ApiConfig:
     report_key: bytes = b"unset"
     max_user_priority: int = 100  # priorities above this need an admin token
     max_body_bytes: int = MAX_BODY_BYTES
+    storage: "StoragePolicy | None" = None  # None: no storage scopes (tests, embedded use); the server sets one
 
 
 class LimitsAndMetrics:
@@ -45,10 +48,13 @@ class LimitsAndMetrics:
             return
         # Driver reports carry metric points buffered while the server was away: a larger cap.
         limit = self.config.max_body_bytes * (16 if scope["path"].endswith("/report") else 1)
+        if scope["path"].startswith(routes_packages.PREFIX):  # a code package: its route enforces the package cap
+            limit = sys.maxsize
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > limit):
             await errors.respond(413, f"request body larger than {limit} bytes")(scope, receive, send)
             return
+        receive = _bounded(receive, limit)  # a chunked body (no Content-Length) is counted as it arrives
         t0 = time.perf_counter()
         status: list[int] = []
 
@@ -70,19 +76,38 @@ class LimitsAndMetrics:
         self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
-def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig()) -> FastAPI:
+def _bounded(receive, limit: int):
+    """``receive`` that raises a 413 once more than ``limit`` body bytes have arrived: whoever
+    reads the body (a route, FastAPI's body parsing) stops there, before parsing anything."""
+    seen = 0
+
+    async def bounded():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise errors.ApiError(413, f"request body larger than {limit} bytes")
+        return message
+
+    return bounded
+
+
+def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig(), packages=None) -> FastAPI:
     from shipyard import __version__
 
     app = FastAPI(title="shipyard", version=__version__, openapi_url="/openapi.json",
                   description="Submit, watch and cancel distributed training jobs. Every /v1 route needs "
                               "'Authorization: Bearer <token>'.")
     app.state.store, app.state.backend, app.state.loop, app.state.config = store, backend, loop, config
+    app.state.packages = packages  # a shipyard.packages.PackageStore; None: no code packages (tests)
     app.state.metrics = ServerMetrics(store)
     errors.install(app)
 
     app.add_middleware(LimitsAndMetrics, config=config, metrics=app.state.metrics)
     app.include_router(routes_jobs.router, prefix="/v1")
     app.include_router(routes_report.router, prefix="/v1")
+    app.include_router(routes_packages.router, prefix="/v1")
     app.include_router(routes_ops.router)
     dashboard.install(app)
     routes_jobs._register_spec_schema(app)

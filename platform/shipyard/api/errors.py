@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shipyard.errors import SpecError, UserError
+from shipyard.scopes import ScopeError
 from shipyard.store import Conflict, IllegalTransition, NotFound
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def status_of(e: UserError) -> tuple[int, str]:
         return 409, "conflict"
     if isinstance(e, SpecError):
         return 422, "invalid_spec"
+    if isinstance(e, ScopeError):
+        return 403, "forbidden_storage"
     return 400, "bad_request"
 
 

@@ -83,7 +83,9 @@ class ServerMetrics:
         self.admissions = Counter("shipyard_admissions", "Jobs admitted by the scheduler", registry=r)
         self.preemptions = Counter("shipyard_preemptions", "Jobs preempted by the scheduler", registry=r)
         r.register(_JobsCollector(store))
-        r.register(_RunningJobsCollector(store))
+        # Per-job series name jobs, tenants and losses: served only to an admin token.
+        self.jobs_registry = CollectorRegistry()
+        self.jobs_registry.register(_RunningJobsCollector(store))
 
     def on_tick(self, seconds: float, decisions) -> None:
         self.ticks.observe(seconds)

@@ -10,75 +10,83 @@ everybody (priority 1000 is the spec's maximum).
 from __future__ import annotations
 
 import asyncio
-import json
+import re
+import time
 from typing import Annotated
 
-import yaml
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from shipyard.api import intake, routes_packages
 from shipyard.api.auth import Principal, principal
 from shipyard.api.errors import ApiError
 from shipyard.api.schemas import (AttemptOut, CheckpointOut, Created, EventOut, JobDetail, JobList, JobSummary,
                                   MetricPointOut, MetricsOut)
 from shipyard.errors import SpecError, UserError
-from shipyard.spec import JobSpec, spec_from_dict
+from shipyard.spec import JobSpec
 from shipyard.store import JobState
 from shipyard.store.states import TERMINAL, parse_state
 
 router = APIRouter(tags=["jobs"])
 Caller = Annotated[Principal, Depends(principal)]
-YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 SPEC_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
     "application/yaml": {"schema": {"type": "string"}}}}}
 
 
-def parse_body(raw: bytes, content_type: str) -> object:
-    kind = content_type.split(";")[0].strip().lower()
-    text = raw.decode("utf-8", errors="replace")
-    if kind in YAML_TYPES:
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ApiError(400, f"body: not valid YAML{where}: {getattr(e, 'problem', e)}", "invalid_yaml") from None
-    if kind in ("application/json", "") or kind.endswith("+json"):
-        try:
-            return json.loads(text)
-        except ValueError as e:
-            raise ApiError(400, f"body: not valid JSON: {e}", "invalid_json") from None
-    raise ApiError(415, f"Content-Type {kind!r}: send the spec as application/json or application/yaml")
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TENANT_CACHE_S = 5.0
 
 
 @router.post("/jobs", status_code=201, response_model=Created, openapi_extra=SPEC_BODY,
-             responses={422: {"description": "invalid spec; the message names each field"}})
-async def submit(request: Request, who: Caller) -> Created:
-    """Queue a job. The body is a JobSpec, as JSON or YAML."""
+             responses={403: {"description": "a storage URI outside the tenant's roots, or a priority above the cap"},
+                        422: {"description": "invalid spec; the message names each field"}})
+async def submit(request: Request, who: Caller,
+                 idempotency_key: Annotated[str | None, Header(description="a retry with the same key returns "
+                                                                           "the job the first request created")] = None
+                 ) -> Created:
+    """Queue a job. The body is a JobSpec, as JSON or YAML (see :mod:`shipyard.api.intake`)."""
     cfg = request.app.state.config
-    raw = await request.body()
-    if len(raw) > cfg.max_body_bytes:
-        raise ApiError(413, f"request body larger than {cfg.max_body_bytes} bytes")
-    spec = spec_from_dict(parse_body(raw, request.headers.get("content-type", "")), source="spec")
-    if spec.priority > cfg.max_user_priority and not who.admin:
-        raise ApiError(403, f"spec: priority: got {spec.priority}; priorities above {cfg.max_user_priority} "
-                            "need an admin token", "forbidden_priority")
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ApiError(400, "Idempotency-Key: must be 1-128 letters, digits or . _ : -", "invalid_header")
+    raw = await request.body()  # the caller is authenticated by now; the size is bounded as it arrives
+    spec = intake.submitted_spec(raw, request.headers.get("content-type", ""), admin=who.admin,
+                                 max_user_priority=cfg.max_user_priority)
+    await routes_packages.require_package(request, who.tenant, spec)
+    if cfg.storage is not None:
+        intake.check_storage(spec, cfg.storage, await _tenant(request, who.tenant))
     # The store's writer thread commits concurrent submits together; this awaits that commit.
-    job = await asyncio.wrap_future(request.app.state.store.submit_job(who.tenant, spec, priority=spec.priority))
+    job = await asyncio.wrap_future(request.app.state.store.submit_job(
+        who.tenant, spec, priority=spec.priority, idempotency_key=idempotency_key))
     request.app.state.metrics.submissions.inc()
     if request.app.state.loop is not None:
         request.app.state.loop.wake()
     return Created(id=job.id, state=job.state.value)
 
 
+async def _tenant(request: Request, name: str):
+    """The tenant's record, re-read at most every TENANT_CACHE_S (a submit must not cost a read)."""
+    cache = request.app.state.__dict__.setdefault("tenant_cache", {})
+    hit = cache.get(name)
+    if hit is not None and time.monotonic() - hit[0] < TENANT_CACHE_S:
+        return hit[1]
+    record = await run_in_threadpool(request.app.state.store.get_tenant, name)
+    cache[name] = (time.monotonic(), record)
+    return record
+
+
 @router.get("/jobs", response_model=JobList)
 def list_jobs(request: Request, who: Caller,
               state: Annotated[list[str] | None, Query(description="filter by state (repeat or comma-separate)")] = None,
-              name: str | None = None, tenant: Annotated[str | None, Query(description="admins only")] = None,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 50, cursor: str | None = None) -> JobList:
+              name: Annotated[str | None, Query(max_length=63)] = None,
+              tenant: Annotated[str | None, Query(max_length=63, description="admins only")] = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+              cursor: Annotated[str | None, Query(max_length=20)] = None) -> JobList:
     """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     states = [s for v in state for s in v.split(",") if s] if state else None
+    if states and len(states) > 16:
+        raise UserError(f"state: got {len(states)} values; at most 16")
     try:
         states = [parse_state(s) for s in states] if states else None
     except UserError as e:
@@ -139,6 +147,9 @@ def cancel(request: Request, who: Caller, job_id: str) -> JobSummary:
     """Cancel a queued or running job (a running one is stopped: its workers checkpoint first)."""
     store = request.app.state.store
     job = _job(request, who, job_id)
+    from shipyard.scheduler.loop import settle_finished
+
+    job = settle_finished(store, job, "the run had finished when the cancel arrived")  # then the 409 below
     if job.state in TERMINAL:
         store.transition(job_id, job.state, JobState.CANCELLED)  # raises the 409 with the allowed states
     job = store.transition(job_id, job.state, JobState.CANCELLED, cause="cancelled",
@@ -154,25 +165,29 @@ def cancel(request: Request, who: Caller, job_id: str) -> JobSummary:
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {}}, "description": "the driver's output"}})
-def logs(request: Request, who: Caller, job_id: str, follow: bool = False,
-         tail: Annotated[int | None, Query(ge=1, le=100_000)] = 1000) -> Response:
-    """The job's driver output (``shipyard run``'s); ``follow=true`` streams until the run ends."""
-    job = _job(request, who, job_id)
+async def logs(request: Request, who: Caller, job_id: str, follow: bool = False,
+               tail: Annotated[int | None, Query(ge=1, le=100_000)] = 1000) -> Response:
+    """The job's driver output (``shipyard run``'s); ``follow=true`` streams until the run ends.
+    A followed stream is an asynchronous iterator on the event loop: when the client goes away
+    it is cancelled there and then, holding no thread."""
+    job = await run_in_threadpool(_job, request, who, job_id)
     backend = request.app.state.backend
     if backend is None or not job.backend_handle:
         return PlainTextResponse("")
     if follow and hasattr(backend, "follow_logs"):
         return StreamingResponse(backend.follow_logs(job.backend_handle), media_type="text/plain")
-    return PlainTextResponse(backend.logs(job.backend_handle, tail=tail))
+    return PlainTextResponse(await run_in_threadpool(backend.logs, job.backend_handle, tail=tail))
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsOut)
 def metrics(request: Request, who: Caller, job_id: str,
-            name: Annotated[list[str] | None, Query(description="only these metrics")] = None,
-            since_step: Annotated[int | None, Query(ge=0)] = None) -> MetricsOut:
+            name: Annotated[list[str] | None, Query(description="only these metrics", max_length=64)] = None,
+            since_step: Annotated[int | None, Query(ge=0, le=2**62)] = None) -> MetricsOut:
     """Reported metrics in step order (at most ~1000 points per job: older ones are thinned)."""
     _job(request, who, job_id)
     names = [n for v in name for n in v.split(",") if n] if name else None
+    if names and (len(names) > 64 or max(map(len, names)) > 200):
+        raise UserError("name: at most 64 metric names of at most 200 characters")
     points = request.app.state.store.metrics(job_id, names=names, since_step=since_step)
     return MetricsOut(job_id=job_id, points=[MetricPointOut(step=p.step, at=p.at, values=p.values) for p in points])
 

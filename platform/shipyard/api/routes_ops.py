@@ -1,11 +1,17 @@
-"""Unauthenticated operational routes: ``/healthz`` (liveness plus store and backend reachability)
-and ``/metrics`` (Prometheus text format)."""
+"""Operational routes: ``/healthz`` (liveness plus store and backend reachability) and ``/metrics``
+(Prometheus text format). Both answer without a token; ``/metrics`` then holds only aggregate
+series (requests, jobs per state, scheduler ticks). The per-job series (``shipyard_job_*``: job
+ids, names, tenants, losses) are added only for a scrape that presents an admin token, so one
+tenant cannot read what another runs."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shipyard.api.auth import principal
 
 router = APIRouter(tags=["ops"])
 
@@ -32,5 +38,9 @@ def healthz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    m = request.app.state.metrics
+    text = await run_in_threadpool(generate_latest, m.registry)
+    if request.headers.get("authorization") and (await principal(request)).admin:
+        text += await run_in_threadpool(generate_latest, m.jobs_registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -3,7 +3,8 @@
 Authorised by the job's report token, not a user token. A report stores attempts, metric points,
 events, step and checkpoint (:meth:`Store.record_report`) and moves the job between RUNNING and
 RESTARTING as its attempts show; the loop still owns the terminal states, which it reads from
-the backend, using the driver's ``outcome`` (stored as an event) as the failure's cause.
+the backend, using the driver's typed ``outcome`` (stored with the run it belongs to: whether a
+preempted run finished, and a failure's kind) and its error text (an event, for people).
 A report from a run that is no longer the job's (a requeued job's previous run) is acknowledged
 and dropped, so that driver stops retrying.
 """
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from shipyard.api.auth import check_report_token
 from shipyard.api.schemas import ReportAck
+from shipyard.runtime.report import RunOutcome
 from shipyard.scheduler.loop import run_state
 from shipyard.store import JobState
 from shipyard.store.states import IllegalTransition
@@ -26,10 +28,24 @@ S = JobState
 
 
 class Outcome(BaseModel):
+    kind: RunOutcome | None = None  # sent by every driver since the outcome became typed
     ok: bool
     error: str | None = None
     user_error: bool = False
     preempted: bool = False
+    step: int | None = Field(None, ge=0)
+    total: int | None = Field(None, ge=0)
+
+    def resolved(self) -> RunOutcome | None:
+        """The run's outcome; for a driver that predates ``kind``, what its flags say for sure
+        (its ``ok`` does not say whether a stopped run trained to the end: None, undecided)."""
+        if self.kind is not None:
+            return self.kind
+        if self.preempted:
+            return RunOutcome.STOPPED
+        if not self.ok:
+            return RunOutcome.USER_ERROR if self.user_error else RunOutcome.FAILED
+        return None
 
 
 class Report(BaseModel):
@@ -54,11 +70,12 @@ def report(request: Request, job_id: str, body: Report) -> ReportAck:
         return ReportAck(ok=False, state=job.state.value)
     request.app.state.metrics.reports.inc()
     submission = body.submission or job.backend_handle or "unknown"
-    store.record_report(job_id, submission, step=body.step, total=body.total, checkpoint=body.checkpoint,
-                        attempts=body.attempts, events=body.events, metrics=body.metrics)
     o = body.outcome
-    if o is not None and not o.ok and not o.preempted:
-        store.add_event(job_id, "outcome", f"{'user_error' if o.user_error else 'failed'}: {o.error or 'failed'}")
+    kind = o.resolved() if o is not None else None
+    store.record_report(job_id, submission, step=body.step, total=body.total, checkpoint=body.checkpoint,
+                        attempts=body.attempts, events=body.events, metrics=body.metrics, outcome=kind)
+    if kind in (RunOutcome.FAILED, RunOutcome.USER_ERROR):
+        store.add_event(job_id, "outcome", f"{kind.value}: {o.error or 'failed'}")
     target = run_state(body.attempts)
     state = job.state
     try:

@@ -40,6 +40,35 @@ class ServerOptions:
     public_url: str | None = None  # how job drivers reach this server
     interval_s: float = 2.0
     ray_cpus: float | None = None  # logical CPUs of a local head (default: the machine's)
+    package_store: str | None = None  # uploaded code packages: a directory or s3://... (default <data dir>/packages)
+    max_package_mb: float = 100.0  # the largest code package (zip) accepted
+    storage_root: str | None = None  # tenants' default root: <storage_root>/<tenant>/
+    shared_roots: tuple[str, ...] = ()  # read-only for every tenant (a common datasets bucket)
+    allow_local_storage: bool = False  # local paths as storage roots (one machine, trusted users)
+    shared_ray_trust: bool = False  # several tenants may share one Ray cluster (one trust domain)
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """The data dir and everything the server writes there (store, tokens, keys, logs, packages)
+    are the server user's alone: 0700 for directories, 0600 for files."""
+    os.umask(0o077)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    for path in data_dir.iterdir():
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
+
+
+def check_trust(opts: ServerOptions, store) -> None:
+    """A Ray cluster has no isolation between its jobs (each can see and reach every other), so
+    several tenants on one cluster are one trust domain: the operator must say so."""
+    if opts.backend != "ray" or opts.shared_ray_trust:
+        return
+    tenants = [t.name for t in store.list_tenants()]
+    if len(tenants) > 1:
+        raise UserError(f"{len(tenants)} tenants ({', '.join(tenants[:5])}) would share one Ray cluster, where "
+                        "every job can read and signal every other; pass --shared-ray-trust if they trust each "
+                        "other, or use --backend kuberay (one Ray cluster per job)")
 
 
 def bootstrap_admin(store, data_dir: Path, say=print) -> None:
@@ -69,13 +98,50 @@ def report_key(data_dir: Path) -> bytes:
     return path.read_text().strip().encode()
 
 
-def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Path):
-    """The backend and, for a local Ray head this server started, that head (else None)."""
+def storage_policy(opts: ServerOptions):
+    from shipyard.api.intake import StoragePolicy
+    from shipyard.scopes import StorageRoot, normalise
+
+    for root in (opts.storage_root, *opts.shared_roots):
+        if root:
+            normalise(root, "--storage-root" if root == opts.storage_root else "--shared-root", opts.allow_local_storage)
+    return StoragePolicy(opts.storage_root, tuple(StorageRoot(r, writable=False) for r in opts.shared_roots),
+                         opts.allow_local_storage)
+
+
+def tenant_env(data_dir: Path, tenant: str) -> dict[str, str]:
+    """The tenant's own variables for its jobs (its S3 credentials, say): ``<data dir>/tenants/
+    <tenant>.env``, ``NAME=VALUE`` lines written by the operator (keep it 0600). Nothing of the
+    server's own environment reaches a job."""
+    path = data_dir / "tenants" / f"{tenant}.env"
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and name and not name.startswith("#"):
+            out[name.strip()] = value.strip()
+    return out
+
+
+def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Path, store=None, policy=None,
+                 packages=None):
+    """The backend and, for a local Ray head this server started, that head (else None).
+
+    What a job's environment holds is an allowlist (:func:`job_env`): its report URL and the
+    token bound to this job and run, its tenant's storage roots (the driver checks the spec
+    against them again) and its tenant's own variables; never the server's environment."""
     from shipyard.api.auth import report_token
+    from shipyard.scopes import ROOTS_ENV, to_env
 
     def job_env(job_id: str, submission: str) -> dict[str, str]:
-        return {"SHIPYARD_REPORT_URL": f"{public_url}/v1/jobs/{job_id}/report",
-                "SHIPYARD_REPORT_TOKEN": report_token(key, job_id)}
+        tenant = store.get_job(job_id).tenant if store is not None else DEFAULT_TENANT
+        env = {**tenant_env(data_dir, tenant),
+               "SHIPYARD_REPORT_URL": f"{public_url}/v1/jobs/{job_id}/report",
+               "SHIPYARD_REPORT_TOKEN": report_token(key, job_id)}
+        if policy is not None and store is not None:
+            env[ROOTS_ENV] = to_env(policy.roots(store.get_tenant(tenant)), policy.allow_local)
+        return env
 
     if opts.backend == "kuberay":
         from shipyard.backends.kuberay import KubeRayBackend
@@ -83,15 +149,19 @@ def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Pat
         config = os.environ.get("SHIPYARD_CONFIG")
         if not config:
             raise UserError("--backend kuberay: set SHIPYARD_CONFIG to the server config file (its kuberay: section)")
-        return KubeRayBackend.from_file(config), None
+        if packages is not None and not packages.remote:
+            log.warning("--backend kuberay with a local package store (%s): pods cannot read it, so jobs with a code "
+                        "package (every `shipyard submit`) are refused; use --package-store s3://...", packages.root)
+        return KubeRayBackend.from_file(config, packages=packages), None
     if opts.backend != "ray":
         raise UserError(f"--backend: got {opts.backend!r}; expected ray or kuberay")
     head = None
     address = opts.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
-        from shipyard.backends.ray_head import ensure_head
+        from shipyard.backends.ray_head import auth_env, ensure_head
 
         head = ensure_head(data_dir, opts.ray_cpus)
+        os.environ.update(auth_env(data_dir))  # this server's Ray clients send the head's token
         address = head.address
         log.info("local Ray head at %s (%s)", address, "started" if head.started else "already running")
     from shipyard.config import enable_ray_token_auth
@@ -103,7 +173,7 @@ def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Pat
     from shipyard.backends.ray import RayBackend, wait_for_head
 
     wait_for_head(address)
-    return RayBackend(address, job_env=job_env), (head if head is not None and head.started else None)
+    return RayBackend(address, job_env=job_env, forward_env=False, packages=packages), (head if head is not None and head.started else None)
 
 
 def _server_class():
@@ -132,21 +202,25 @@ def serve(opts: ServerOptions, say=print) -> None:
     _Server = _server_class()
 
     from shipyard.api.app import ApiConfig, create_app
+    from shipyard.packages import MiB, PackageLimits, PackageStore
     from shipyard.scheduler.loop import SchedulerLoop
     from shipyard.store import Store
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Ray API poll otherwise
     logging.getLogger("alembic").setLevel(logging.WARNING)
     data_dir = Path(opts.data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_data_dir(data_dir)
+    policy = storage_policy(opts)
     store = Store.open(opts.database_url, data_dir=data_dir)
     bootstrap_admin(store, data_dir, say)
+    check_trust(opts, store)
     key = report_key(data_dir)
     host = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "") else opts.host
     public_url = (opts.public_url or os.environ.get("SHIPYARD_PUBLIC_URL") or f"http://{host}:{opts.port}").rstrip("/")
-    backend, head = make_backend(opts, key, public_url, data_dir)
+    packages = PackageStore.open(opts.package_store, data_dir, PackageLimits(max_bytes=int(opts.max_package_mb * MiB)))
+    backend, head = make_backend(opts, key, public_url, data_dir, store, policy, packages=packages)
     loop = SchedulerLoop(store, backend, interval_s=opts.interval_s)
-    app = create_app(store, backend, loop, ApiConfig(auth=opts.auth, report_key=key))
+    app = create_app(store, backend, loop, packages=packages, config=ApiConfig(auth=opts.auth, report_key=key, storage=policy))
     loop.on_tick = app.state.metrics.on_tick
     stop = threading.Event()
     thread = threading.Thread(target=loop.run, args=(stop,), name="shipyard-scheduler", daemon=True)

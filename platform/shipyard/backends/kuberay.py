@@ -26,6 +26,7 @@ from shipyard.backends.kuberay_manifest import (
     GROUP, JOB_ID, MANAGED_BY, PLURAL, RAYJOB, VERSION, KubeRayConfig, Resources, build_rayjob,
     node_allocatable, rayjob_name, rayjob_requests,
 )
+from shipyard.errors import SpecError
 from shipyard.spec import JobSpec
 
 TIMEOUT_S = 30
@@ -107,8 +108,11 @@ class KubeRayBackend:
     name = "kuberay"
 
     def __init__(self, config: KubeRayConfig, api_client: client.ApiClient | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, packages=None):
+        """``packages``: the server's :class:`~shipyard.packages.PackageStore`; jobs with a code
+        package need it to be object storage (``--package-store s3://...``), which pods can read."""
         self.config = config
+        self.packages = packages
         api = api_client or load_api_client()
         self._api = api
         self._custom = client.CustomObjectsApi(api)
@@ -125,8 +129,23 @@ class KubeRayBackend:
 
     # -- Backend -------------------------------------------------------------------------------
 
+    def check_package(self, spec: JobSpec) -> None:
+        """SpecError unless this backend can run ``spec``'s code package (the API asks at submit)."""
+        if spec.package is not None and (self.packages is None or not self.packages.remote):
+            where = f"a local directory ({self.packages.root})" if self.packages is not None else "missing"
+            raise SpecError(f"package: the kuberay backend runs code packages from object storage only, and this "
+                            f"server's package store is {where}; start the server with --package-store "
+                            "s3://bucket/prefix")
+
     def submit(self, job_id: str, spec: JobSpec, tenant: str) -> Handle:
-        body = build_rayjob(job_id, spec, tenant, self.config)
+        package_uri = None
+        if spec.package is not None:
+            try:
+                self.check_package(spec)
+            except SpecError as e:
+                raise BackendError(f"job {job_id}: {e}") from None
+            package_uri = self.packages.path_or_uri(tenant, spec.package)
+        body = build_rayjob(job_id, spec, tenant, self.config, package_uri=package_uri)
         ns, name = self.config.namespace, body["metadata"]["name"]
         try:
             self._custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body, _request_timeout=TIMEOUT_S)

@@ -9,7 +9,11 @@ CRD schema without a cluster. Shape of the RayJob:
   ``workers.cpus`` CPU, the worker memory and ``ceil(workers.gpus)`` ``nvidia.com/gpu``
   (a device plugin hands out whole GPUs; a fractional ``workers.gpus`` still gets one per pod);
 - GPU workers go to a node pool (nodeSelector, tolerations, affinity) from the server config;
-- S3 credentials come from a Secret through ``envFrom`` on every container.
+- S3 credentials come from a Secret through ``envFrom`` on every container;
+- the job's code: with ``package_uri`` (the uploaded code package in object storage), the
+  RayJob's ``runtimeEnvYAML`` makes it the job's ``working_dir``, every pod downloads and unpacks
+  it, and the driver's spec says ``workdir: .``; without one the spec's ``workdir`` is used as
+  given, a directory of the worker image.
 
 Spec fields this backend would use but the JobSpec does not have yet are read with ``getattr``
 and fall back to the config: ``image``, ``workers.memory``, ``workers.pool``.
@@ -23,6 +27,8 @@ import re
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, Literal
+
+import yaml
 
 from shipyard.scheduler.snapshot import Resources  # the scheduler's unit: cpus, gpus, memory bytes
 from shipyard.backends.base import SPEC_ENV, entrypoint_command, spec_json
@@ -155,9 +161,19 @@ def _pod(config: KubeRayConfig, *, name: str, image: str, resources: dict, pool:
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 
-def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig) -> dict[str, Any]:
-    """The RayJob object for one admitted job (a plain dict, ready for the API)."""
+def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig,
+                 package_uri: str | None = None) -> dict[str, Any]:
+    """The RayJob object for one admitted job (a plain dict, ready for the API). ``package_uri``:
+    where the job's code package is (an ``s3://`` URI the pods can read), if it has one."""
     check_spec(spec)
+    env = dict(config.env)
+    if package_uri is not None:
+        if not is_remote_uri(package_uri):
+            raise ValueError(f"package_uri: got {package_uri!r}; pods can only fetch a package from object storage")
+        spec = spec.model_copy(update={"workdir": "."})
+        # Ray fetches an s3:// working_dir with boto3, which knows nothing of SHIPYARD_S3_ENDPOINT.
+        if env.get("SHIPYARD_S3_ENDPOINT") and not {"AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"} & set(env):
+            env["AWS_ENDPOINT_URL_S3"] = env["SHIPYARD_S3_ENDPOINT"]
     name = rayjob_name(job_id)
     w = spec.workers
     image = getattr(spec, "image", None) or config.image
@@ -169,9 +185,9 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig)
     worker_resources = {"cpu": _cpu(w.cpus), "memory": memory, **({GPU: str(gpus)} if gpus else {})}
     head = _pod(config, name="ray-head", image=image, pool=_pool(config, config.cpu_pool), labels=pod_labels,
                 resources={"cpu": config.head_cpus, "memory": config.head_memory},
-                env={**config.env, SPEC_ENV: spec_json(spec)})
+                env={**env, SPEC_ENV: spec_json(spec)})
     worker = _pod(config, name="ray-worker", image=image, pool=pool, labels=pod_labels,
-                  resources=worker_resources, env=dict(config.env))
+                  resources=worker_resources, env=env)
     worker_params = {"num-cpus": str(math.ceil(w.cpus)), **({"num-gpus": str(gpus)} if gpus else {})}
     job_spec: dict[str, Any] = {
         "entrypoint": entrypoint_command(job_id),
@@ -193,6 +209,8 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig)
     }
     if config.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = config.active_deadline_seconds
+    if package_uri is not None:
+        job_spec["runtimeEnvYAML"] = yaml.safe_dump({"working_dir": package_uri}, sort_keys=True)
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
         "metadata": {"name": name, "namespace": config.namespace, "labels": labels,

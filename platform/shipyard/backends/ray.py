@@ -10,10 +10,14 @@ job id and tenant also travel as metadata (``shipyard.io/job-id``), which is wha
 :meth:`RayBackend.list_jobs` reads on restart.
 
 The driver is ``shipyard run`` on the spec (:func:`~shipyard.backends.base.entrypoint_command`).
-The job's directory travels as the Ray job's ``working_dir``; the spec's ``workdir`` is rewritten
-to ``.`` and the spec file is written into the driver's working directory (``TMPDIR=$PWD`` for
-the driver only), so ``file.py:function`` entrypoints resolve on the head even when the server
-runs on another machine.
+The job's code is the package its submitter uploaded (``spec.package``, kept by the server's
+:class:`~shipyard.packages.PackageStore`): its zip is the Ray job's ``working_dir``, a local file
+that the Jobs client uploads to the cluster's GCS (unpacked as is on every node), or an ``s3://``
+URI when the store is object storage (then the Ray nodes need read access to it). A spec without
+a package gets no ``working_dir`` at all: nothing of the server's own disk is ever shipped. The
+spec's ``workdir`` is rewritten to ``.`` and the spec file is written into the driver's working
+directory (``TMPDIR=$PWD`` for the driver only), so ``file.py:function`` entrypoints resolve in
+the unpacked package.
 
 Stopping: ``stop_job`` signals the driver (SIGINT, see ``submit``), which sends SIGTERM to the training workers
 (they checkpoint, see :mod:`shipyard.runtime.report`) and exits once the checkpoint is committed.
@@ -27,7 +31,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,19 +86,21 @@ def dashboard_url(address: str) -> str:
 class RayBackend:
     """:class:`~shipyard.backends.base.Backend` on a Ray head. Handles are submission ids.
 
-    ``job_env(job_id, submission)`` adds per-job variables (the progress report URL and token).
+    ``job_env(job_id, submission)`` adds per-job variables (the progress report URL and token);
+    ``packages`` is where uploaded code packages are (None: jobs with a package are refused).
     """
 
     name = "ray"
 
     def __init__(self, address: str, job_env: Callable[[str, str], dict[str, str]] = lambda j, s: {},
-                 forward_env: bool = True):
+                 forward_env: bool = True, packages=None):
         from ray.job_submission import JobSubmissionClient
 
         self.address = address
         self.url = dashboard_url(address)
         self._job_env = job_env
         self._forward_env = forward_env
+        self._packages = packages
         try:
             self.client = JobSubmissionClient(self.url)
         except Exception as e:  # noqa: BLE001
@@ -113,6 +119,7 @@ class RayBackend:
             if not _STATES.get(str(details.status), State.FAILED).terminal:
                 return details.submission_id  # submitted before the server died: re-attach
         submission = f"{PREFIX}{job_id}-{len(existing) + 1}"
+        runtime_env: dict = {"working_dir": self._working_dir(job_id, spec, tenant)} if spec.package else {}
         moved = spec.model_copy(update={"workdir": "."})
         env = {**(forwarded_env() if self._forward_env else {}), **self._job_env(job_id, submission),
                SPEC_ENV: moved.model_dump_json(), "SHIPYARD_JOB_ID": job_id, "SHIPYARD_SUBMISSION": submission}
@@ -125,12 +132,21 @@ class RayBackend:
             self.client.submit_job(
                 entrypoint=self._driver_exports() + entrypoint_command(job_id),
                 submission_id=submission,
-                runtime_env={"working_dir": spec.workdir, "env_vars": env},
+                runtime_env={**runtime_env, "env_vars": env},
                 metadata={JOB_ID_KEY: job_id, TENANT_KEY: tenant, "name": spec.name},
             )
         except Exception as e:  # noqa: BLE001 - the Jobs client raises RuntimeError for HTTP errors
             raise BackendError(f"cannot submit job {job_id} to the Ray head at {self.url}: {e}") from None
         return submission
+
+    def _working_dir(self, job_id: str, spec: JobSpec, tenant: str) -> str:
+        """The stored package of ``spec`` (a zip path or s3:// URI), or BackendError."""
+        if self._packages is None:
+            raise BackendError(f"job {job_id} names package {spec.package}, but this backend has no package store")
+        if not self._packages.exists(tenant, spec.package):
+            raise BackendError(f"job {job_id}: package {spec.package} of tenant {tenant} is no longer in the "
+                               f"package store ({self._packages.root})")
+        return self._packages.path_or_uri(tenant, spec.package)
 
     def _driver_exports(self) -> str:
         """Variables for the driver process only (``env_vars`` would reach every worker too).
@@ -185,26 +201,15 @@ class RayBackend:
         lines = text.splitlines(keepends=True)
         return "".join(lines[-tail:])
 
-    def follow_logs(self, handle: Handle) -> Iterator[str]:
-        """The driver's output as it is written, until the job ends (a blocking iterator: run it
-        in a thread; the Jobs client's own ``tail_job_logs`` is asynchronous)."""
-        import asyncio
-        import queue
-        import threading
-
-        chunks: queue.Queue = queue.Queue(maxsize=256)
-        done = object()
-
-        async def pump() -> None:
-            try:
-                async for chunk in self.client.tail_job_logs(handle):
-                    chunks.put(chunk)
-            finally:
-                chunks.put(done)
-
-        threading.Thread(target=lambda: asyncio.run(pump()), daemon=True, name=f"logs-{handle}").start()
-        while (chunk := chunks.get()) is not done:
-            yield chunk
+    async def follow_logs(self, handle: Handle) -> AsyncIterator[str]:
+        """The driver's output as it is written, until the job ends. Asynchronous, on the
+        server's event loop: when the client goes away the response task is cancelled, which
+        closes the Jobs API websocket at once (no thread is left waiting for the next chunk)."""
+        try:
+            async for chunk in self.client.tail_job_logs(handle):
+                yield chunk
+        except RuntimeError as e:
+            yield f"\n[shipyard: the log stream of {handle} ended: {e}]\n"
 
     def capacity(self) -> Capacity:
         nodes = self.nodes()

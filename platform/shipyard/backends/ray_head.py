@@ -5,6 +5,15 @@ It runs ``ray start --head --block`` in a session of its own and records its pid
 running and joins it again, so the jobs on it keep running and are re-attached. The server stops
 the head only on a graceful shutdown, by signalling that process group (never ``ray stop``,
 which would stop every Ray cluster on the machine).
+
+Trust: a Ray cluster runs whatever its Jobs API or GCS is asked to, so the head is started with
+token authentication always on (``RAY_AUTH_MODE=token``; the token is generated at first start
+into ``<data dir>/ray-auth-token``, mode 0600, and the server's own Ray clients use it), its
+dashboard and Jobs API on 127.0.0.1, and an environment holding nothing of the server's but
+what a process needs to run (:data:`HEAD_ENV`): no AWS keys, no admin token, no database URL,
+since every job's driver inherits the head's environment. Ray 2.60 has no option to bind the
+GCS, the raylet or the Ray Client server to loopback (they listen on every interface); the token
+is what refuses a caller from another address, and a firewall should keep those ports private.
 """
 
 from __future__ import annotations
@@ -21,11 +30,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# What the head (and so every job's driver and workers) inherits from the server's environment.
+HEAD_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV",
+            "PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+TOKEN_FILE = "ray-auth-token"
+
+
+def auth_env(data_dir: Path) -> dict[str, str]:
+    """The variables that make a Ray process (the head, or a client of it) use the head's token;
+    the token file is created (0600) on first use."""
+    path = data_dir / TOKEN_FILE
+    if not path.exists():
+        import secrets
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
 @dataclass
 class LocalHead:
     pid: int
     address: str
     started: bool  # by this server process (else: found running from an earlier one)
+    client_port: int | None = None  # its Ray Client server (ray://127.0.0.1:<port>)
 
     def stop(self, timeout_s: float = 30) -> None:
         try:
@@ -71,26 +100,28 @@ def ensure_head(data_dir: Path, num_cpus: float | None = None, timeout_s: float 
         try:
             info = json.loads(record.read_text())
             if _alive(info["pid"]) and _listening(info["address"]):
-                return LocalHead(info["pid"], info["address"], started=False)
+                return LocalHead(info["pid"], info["address"], started=False, client_port=info.get("client_port"))
         except (ValueError, KeyError, OSError):
             pass
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"
-    port, dash, agent = _free_port(), _free_port(), _free_port()
+    port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
     # The agent's port is chosen too: Ray's default (52365) is taken by any other head on the
     # machine, and a head without its agent refuses every job submission.
     cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+           f"--ray-client-server-port={client}",
            "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus:g}")
     log = open(data_dir / "ray-head.log", "ab")
+    env = {k: v for k, v in os.environ.items() if k in HEAD_ENV}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            env={**env, **auth_env(data_dir), "RAY_USAGE_STATS_ENABLED": "0"})
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while not (_listening(address) and _listening(f"127.0.0.1:{dash}")):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the local Ray head did not start (see {data_dir / 'ray-head.log'})")
         time.sleep(0.3)
-    record.write_text(json.dumps({"pid": proc.pid, "address": address}))
-    return LocalHead(proc.pid, address, started=True)
+    record.write_text(json.dumps({"pid": proc.pid, "address": address, "client_port": client}))
+    return LocalHead(proc.pid, address, started=True, client_port=client)

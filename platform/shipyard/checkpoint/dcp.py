@@ -45,7 +45,12 @@ def rank_file(rank: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors, ints and tuples only, so the rank file loads with
+    ``torch.load(weights_only=True)`` (nothing from storage is unpickled as arbitrary objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,7 +58,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -123,7 +130,12 @@ def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, s
     if not store.fs.exists(path):
         return None  # saved with fewer ranks
     with store.fs.open(path, "rb") as f:
-        return torch.load(f, weights_only=False)
+        try:
+            return torch.load(f, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - an old or foreign rank file: refuse it, do not unpickle it
+            raise CheckpointError(f"{path}: not a rank state file shipyard wrote (it holds more than tensors, "
+                                  f"numbers and strings, and is not unpickled: {_short(e)}); start under a new "
+                                  "checkpoint.uri") from None
 
 
 def _groups_by_fqn(groups: list[dict]) -> dict:

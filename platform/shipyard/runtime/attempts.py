@@ -101,8 +101,10 @@ class Ledger:
         if committed_step is not None:
             a.committed_step = committed_step
 
-    def end(self, now: float, kind: str = "finished", cause: str | None = None) -> None:
-        """Close the current attempt: ``finished``, or failed/preempted/user_error (Ray restarts the group)."""
+    def end(self, now: float, kind: str, cause: str | None = None) -> None:
+        """Close the current attempt: ``finished`` (rank 0's training function returned), or
+        failed/preempted/user_error (Ray restarts the group). No default: the server decides from
+        these kinds, so every caller says which one it means."""
         a = self.current
         if a is None:
             return

@@ -34,7 +34,11 @@ class RunResult:
 
 
 def preflight(spec: JobSpec) -> None:
-    """Fail before any worker starts, naming the field and URI, when inputs are unusable."""
+    """Fail before any worker starts, naming the field and URI, when inputs are unusable (or,
+    for a job from a shared server, outside its tenant's storage roots: checked again here)."""
+    from shipyard.scopes import check_from_env
+
+    check_from_env(spec, dict(os.environ))
     for label, uri in (("dataset.uri", spec.dataset.uri), ("dataset.eval_uri", spec.dataset.eval_uri)):
         if uri:
             try:

@@ -94,7 +94,7 @@ class Board:
             self.ledger.restored(step)
         self.ledger.progress(step, now, committed_step)
         if event == "finished":
-            self.ledger.end(now)
+            self.ledger.end(now, "finished")
         elif event and event != "started":
             self.events.append((now, event))
 

@@ -21,6 +21,13 @@ checkpoint (:mod:`shipyard.runtime.preemption`). Once an attempt has ended ``pre
 notice (the checkpoint is committed), or ``preemption_grace_s`` has passed, the driver exits with
 status 143, as SIGTERM would have made it. A spec without a checkpoint has nothing to save: the
 driver exits at once.
+
+Outcome: the last report carries how the run ended as a :class:`RunOutcome`, decided here from
+what the driver saw, so that the server never has to infer it from attempts or text. A run is
+``finished`` only when the training function returned without a stop request, or when it trained
+to the end of its data although one arrived (a stop that reaches a run writing its last step);
+a run that returned after a stop request without reaching the end is ``stopped``, and the server
+requeues it from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from enum import Enum
 from typing import Any, Iterator
 
 from shipyard.spec import JobSpec
@@ -45,6 +53,35 @@ EXIT_PREEMPTED = 128 + signal.SIGTERM
 WORKER_CLASS = "RayTrainWorker"
 
 
+class RunOutcome(str, Enum):
+    """How one run (one submission to a backend) ended, in the driver's own word."""
+
+    FINISHED = "finished"  # trained to the end (or the user's function returned with no stop requested)
+    PREEMPTED = "preempted"  # stopped on request after committing a checkpoint: resume from it
+    STOPPED = "stopped"  # stopped on request without reaching the end (and maybe without a checkpoint)
+    FAILED = "failed"
+    USER_ERROR = "user_error"
+
+
+def trained_to_end(snapshot: dict) -> bool:
+    """Whether a board snapshot shows the data exhausted: the newest attempt ended ``finished``
+    at the final step (``total`` is the step at which the data runs out, counted across restores)."""
+    attempts = snapshot.get("attempts") or []
+    step, total = int(snapshot.get("step") or 0), int(snapshot.get("total") or 0)
+    return bool(attempts) and attempts[-1].get("kind") == "finished" and total > 0 and step >= total
+
+
+def outcome_of(snapshot: dict, *, ok: bool, user_error: bool, stop_requested: bool) -> RunOutcome:
+    """The outcome of a run the driver saw end by itself (not through its stop handler)."""
+    if not ok:
+        return RunOutcome.USER_ERROR if user_error else RunOutcome.FAILED
+    if stop_requested and not trained_to_end(snapshot):
+        # Returned after a stop request without exhausting the data (the attempt Ray Train opened
+        # after the preemption, a loop that returned early): not a run that finished.
+        return RunOutcome.STOPPED
+    return RunOutcome.FINISHED
+
+
 class Session:
     """One submitted run's reporting and stop handling (a no-op one when ``url`` is None)."""
 
@@ -52,7 +89,7 @@ class Session:
                  interval_s: float = REPORT_S):
         self.spec, self.url, self.token, self.submission = spec, url, token, submission
         self.interval_s = interval_s
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when the stop handler finishes on the main thread
         self._latest: dict = {}
         self._points: list[tuple[int, float, dict]] = []
         self._last_point_step: int | None = None
@@ -62,7 +99,12 @@ class Session:
         self._thread: threading.Thread | None = None
         self.notice_at: float | None = None
         self._warned = False
-        self._handler_installed = False
+        self._armed_after_init = False
+        # One post at a time (the reporting thread and finish() would send the same events twice),
+        # and one finish: the first outcome decided is the one reported.
+        self._post_lock = threading.RLock()
+        self._finish_lock = threading.RLock()
+        self.outcome: RunOutcome | None = None
 
     @property
     def active(self) -> bool:
@@ -74,11 +116,12 @@ class Session:
         """Called by the launcher with each board snapshot (on the driver's main thread)."""
         if not self.active:
             return
-        if not self._handler_installed:
-            # Here, not before launch(): ray.init installs Ray's own C++ SIGTERM handler in the
-            # driver (it logs "SIGTERM received" and exits), replacing any set earlier. The
+        if not self._armed_after_init:
+            # Here too, not only before launch(): ray.init installs Ray's own C++ SIGTERM handler
+            # in the driver (it logs "SIGTERM received" and exits), replacing any set earlier. The
             # launcher calls back on the main thread, after ray.init.
             self.install_stop_handler()
+            self._armed_after_init = True
         with self._lock:
             self._latest = snapshot
             step = int(snapshot.get("step") or 0)
@@ -107,6 +150,10 @@ class Session:
 
     def post(self, outcome: dict | None = None) -> bool:
         """Send what is new since the last successful post; returns whether it was delivered."""
+        with self._post_lock:
+            return self._post(outcome)
+
+    def _post(self, outcome: dict | None) -> bool:
         import httpx
 
         with self._lock:
@@ -134,15 +181,28 @@ class Session:
             self._events_sent += len(events)
         return True
 
-    def finish(self, ok: bool, error: str | None = None, user_error: bool = False, preempted: bool = False) -> None:
+    def finish(self, ok: bool, error: str | None = None, user_error: bool = False, preempted: bool = False,
+               kind: RunOutcome | None = None) -> None:
+        """Post the last report with the run's outcome. ``kind`` is given by the stop paths; the
+        caller that saw the run end by itself (the CLI) leaves it to :func:`outcome_of`. Only the
+        first call reports; a concurrent one waits until that report is sent (or given up)."""
         if not self.active:
             return
-        self._stop.set()
-        outcome = {"ok": ok, "error": error, "user_error": user_error, "preempted": preempted}
-        for delay in (0, 1, 2, 4):
-            time.sleep(delay)
-            if self.post(outcome):
+        with self._finish_lock:
+            if self.outcome is not None:
                 return
+            self._stop.set()
+            with self._lock:
+                snap = dict(self._latest)
+            if kind is None:
+                kind = outcome_of(snap, ok=ok, user_error=user_error, stop_requested=self.notice_at is not None)
+            self.outcome = kind
+            outcome = {"kind": kind.value, "ok": ok, "error": error, "user_error": user_error,
+                       "preempted": preempted, "step": snap.get("step"), "total": snap.get("total")}
+            for delay in (0, 1, 2, 4):
+                time.sleep(delay)
+                if self.post(outcome):
+                    return
 
     # -- stop requests ---------------------------------------------------------------------------
 
@@ -152,15 +212,17 @@ class Session:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._on_sigterm())
-        self._handler_installed = True
 
     def _on_sigterm(self) -> None:
         if self.notice_at is not None:
             return
         self.notice_at = time.time()
+        if self._done_training():
+            print("stop requested, but training has already finished: reporting it", flush=True)
+            return  # the launcher is returning: the CLI reports the run FINISHED and exits
         if self.spec.checkpoint is None:
             self.finish(False, "stopped (SIGTERM); the spec has no checkpoint section, so nothing was saved",
-                        preempted=True)
+                        preempted=True, kind=RunOutcome.STOPPED)
             os._exit(EXIT_PREEMPTED)
         print(f"stop requested (SIGTERM): workers checkpoint, then the job exits "
               f"(grace period {self.spec.checkpoint.preemption_grace_s:g}s)", flush=True)
@@ -170,8 +232,10 @@ class Session:
         try:
             n = signal_workers()
             print(f"stop: SIGTERM sent to {n} worker process{'es' * (n != 1)}", flush=True)
+            if n == 0 and self._done_training():  # the workers are gone because training ended
+                return
             if n == 0:  # training has not started: nothing to save
-                self.finish(False, "stopped before training started", preempted=True)
+                self.finish(False, "stopped before training started", preempted=True, kind=RunOutcome.STOPPED)
                 os._exit(EXIT_PREEMPTED)
         except Exception as e:  # noqa: BLE001 - the grace timer below still ends the run
             print(f"stop: could not signal the workers ({e}); exiting after the grace period", flush=True)
@@ -179,15 +243,21 @@ class Session:
         deadline = time.time() + self.spec.checkpoint.preemption_grace_s + 5
         while time.time() < deadline:
             time.sleep(1)
-        self.finish(False, "stopped: no checkpoint was committed within the grace period", preempted=True)
+        self.finish(False, "stopped: no checkpoint was committed within the grace period", preempted=True,
+                    kind=RunOutcome.STOPPED)
         os._exit(EXIT_PREEMPTED)
+
+    def _done_training(self) -> bool:
+        # No lock: this runs in the signal handler, which may interrupt the main thread inside
+        # update(); ``_latest`` is only ever replaced whole, so reading the reference is safe.
+        return trained_to_end(self._latest)
 
     def _exit_if_stopped(self, snapshot: dict) -> None:
         done = [a for a in snapshot.get("attempts") or []
                 if a.get("kind") == "preempted" and (a.get("end") or 0) >= self.notice_at]
         if done:
             print(f"stop: checkpoint committed ({snapshot.get('checkpoint')}); exiting", flush=True)
-            self.finish(False, "preempted: checkpoint committed", preempted=True)
+            self.finish(False, "preempted: checkpoint committed", preempted=True, kind=RunOutcome.PREEMPTED)
             os._exit(EXIT_PREEMPTED)
 
 

@@ -59,7 +59,7 @@ def decide(snap: Snapshot, policy: Policy = Policy()) -> Decisions:
     available = free  # after the head is found: free minus the head's reservation
     never: dict[Resources, int] = {}  # worker shape -> workers an empty cluster holds
 
-    for job in order(snap.queued):
+    for job in order(snap.queued, snap.tenant_priority):
         why = quota.blocked(job, usage.get(job.tenant), snap.quotas.get(job.tenant))
         why = why or admission.unschedulable(job, node_totals, never)
         if why:
@@ -112,11 +112,12 @@ def _stop_for_head(head: JobRequest, cap: admission.Capacity, snap: Snapshot, dr
         names = ", ".join(r.id for r in starting)
         out.reasons[head.id] = f"{base}; jobs {names} are starting"
     elif policy.preemption:
-        victims = preemption.choose_victims(head, give(free, releasing), snap.running, node_names)
+        victims = preemption.choose_victims(head, give(free, releasing), snap.running, node_names,
+                                            snap.tenant_priority)
         if victims:
             for v in victims:
                 out.preempt.append(v.id)
-                out.reasons[v.id] = f"preempted for {head.id} (priority {head.priority} > {v.job.priority})"
+                out.reasons[v.id] = f"preempted for {head.id} ({_outranks(head, v.job, snap)})"
                 releasing = give(releasing, admission.credit_of(v, node_names))
             out.reasons[head.id] = f"{base}; preempting {', '.join(v.id for v in victims)}"
         else:
@@ -124,3 +125,11 @@ def _stop_for_head(head: JobRequest, cap: admission.Capacity, snap: Snapshot, dr
     else:
         out.reasons[head.id] = base
     return backfill.reservation(head, free, releasing, node_totals)
+
+
+def _outranks(head: JobRequest, victim: JobRequest, snap: Snapshot) -> str:
+    if head.tenant == victim.tenant:
+        return f"priority {head.priority} > {victim.priority}"
+    tp = snap.tenant_priority
+    return (f"tenant {head.tenant}'s priority {tp.get(head.tenant, 0)} > tenant {victim.tenant}'s "
+            f"{tp.get(victim.tenant, 0)}")

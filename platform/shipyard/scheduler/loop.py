@@ -14,6 +14,11 @@ backend's ``list_jobs``:
   is *lost*: its attempts are closed, and the job is requeued (``PREEMPTED -> QUEUED``, cause
   ``lost``) up to ``max_requeues`` times, then FAILED;
 - a backend run whose job is finished (or unknown) in the store is cancelled.
+
+Whether a run finished is the driver's explicit word (:class:`RunOutcome`, sent with its last
+report), never inferred from Ray's state alone: Ray says STOPPED for a run it was asked to stop
+even when the driver exited 0, and an attempt that ended ``finished`` after a stop request may be
+one Ray Train started after the preemption. See :func:`run_finished`.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import time
 from collections.abc import Callable
 
 from shipyard.backends.base import Backend, BackendError, State
+from shipyard.runtime.report import RunOutcome
 from shipyard.scheduler.decide import Decisions, Policy, decide
 from shipyard.scheduler.snapshot import JobRequest, Node, Quota, Resources, RunningJob, Snapshot
-from shipyard.store import Job, JobState, Store
+from shipyard.store import Attempt, Job, JobState, Store
 from shipyard.store.states import IllegalTransition
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,42 @@ def run_state(attempts: list[dict]) -> JobState | None:
     if len(attempts) > 1 and last.get("recovery_s") is None:
         return S.RESTARTING
     return S.RUNNING
+
+
+def run_finished(outcome: RunOutcome | None, attempts: list[Attempt], total_steps: int | None,
+                 backend: State | None = None) -> bool:
+    """Whether a run trained to the end, from what its driver reported (``attempts`` are this
+    run's). The driver's outcome decides when it sent one. Without it (its last report was lost,
+    or a driver older than the typed outcome): Ray's SUCCEEDED (the driver exited 0 before any
+    stop reached Ray's supervisor), or the run's last attempt ended ``finished`` *at the final
+    step*; a ``finished`` attempt short of ``total_steps`` is not taken as proof."""
+    if outcome is not None:
+        return outcome is RunOutcome.FINISHED
+    if backend is State.SUCCEEDED:
+        return True
+    last = attempts[-1] if attempts else None
+    return (last is not None and last.ended_at is not None and last.kind == "finished"
+            and bool(total_steps) and (last.last_step or 0) >= total_steps)
+
+
+def settle_finished(store: Store, job: Job, why: str = "the run finished before the stop reached it") -> Job:
+    """Record SUCCEEDED for an active job whose current run's driver reported it finished; returns
+    the job as it is now (unchanged when its run has not finished). Used by the cancel route, so
+    that a cancel arriving after the run finished leaves it SUCCEEDED (and is refused, 409)."""
+    if job.state.terminal or not job.backend_handle:
+        return job
+    attempts = [a for a in store.attempts(job.id) if a.submission == job.backend_handle]
+    if not run_finished(store.run_outcome(job.id, job.backend_handle), attempts, job.total_steps):
+        return job
+    state = job.state
+    try:
+        if state in (S.ADMITTED, S.RESTARTING):  # no edge from these to SUCCEEDED
+            state = store.transition(job.id, state, S.RUNNING).state
+        store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
+        store.transition(job.id, state, S.SUCCEEDED, cause="finished", message=why)
+    except IllegalTransition as e:  # the loop (or another cancel) moved it first
+        log.info("%s", e)
+    return store.get_job(job.id)
 
 
 def request_of(job: Job) -> JobRequest:
@@ -106,16 +148,19 @@ class SchedulerLoop:
         starting = self._starting([j for j in jobs if j.state is S.RUNNING and j.backend_handle])
         running = tuple(RunningJob(request_of(j), "STARTING" if j.id in starting else j.state.value, j.started_at)
                         for j in jobs if j.state.holds_resources)
-        quotas = {t.name: Quota(t.max_gpus, t.max_cpus, t.max_running_jobs) for t in self.store.list_tenants()}
+        tenants = self.store.list_tenants()
+        quotas = {t.name: Quota(t.max_gpus, t.max_cpus, t.max_running_jobs) for t in tenants}
+        ranks = {t.name: t.priority for t in tenants if t.priority}
         nodes_of = getattr(self.backend, "nodes", None)
         if nodes_of is not None:
             nodes = tuple(Node(n.name, Resources(n.free_cpus, n.free_gpus, n.free_memory),
                                Resources(n.cpus, n.gpus, n.memory)) for n in nodes_of())
             # A job admitted moments ago holds nothing on the cluster yet; RUNNING ones already do.
-            return Snapshot(queued=queued, running=running, nodes=nodes, quotas=quotas)
+            return Snapshot(queued=queued, running=running, nodes=nodes, quotas=quotas, tenant_priority=ranks)
         c = self.backend.capacity()
         return Snapshot.aggregate(Resources(c.free_cpus, c.free_gpus, c.free_memory),
-                                  Resources(c.cpus, c.gpus, c.memory), queued=queued, running=running, quotas=quotas)
+                                  Resources(c.cpus, c.gpus, c.memory), queued=queued, running=running, quotas=quotas,
+                                  tenant_priority=ranks)
 
     def _starting(self, running: list[Job]) -> set[str]:
         """RUNNING jobs whose run has reported no attempt yet: the backend says the driver runs
@@ -210,7 +255,7 @@ class SchedulerLoop:
                 self._move(job, S.ADMITTED, S.RUNNING, message=f"running as {job.backend_handle}")
             return
         if job.state is S.PREEMPTED:  # the run stopped (or ended) after the preemption notice
-            if self._finished(job, status):
+            if self._finished(job, st):
                 self.store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
                 self._move(job, S.PREEMPTED, S.SUCCEEDED, cause="finished",
                            message="the run finished before the preemption stopped it")
@@ -218,7 +263,7 @@ class SchedulerLoop:
             self.store.close_run(job.id, job.backend_handle, kind="preempted", cause="preempted")
             self._requeue(job, "preempted")
             return
-        if st is State.SUCCEEDED:
+        if self._finished(job, st):  # also a driver that said it finished, then died on its way out
             self.store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
             self._finish(job, S.SUCCEEDED, None, None)
         elif st is State.FAILED and status.reason == "NotFound":
@@ -228,23 +273,21 @@ class SchedulerLoop:
             self.store.close_run(job.id, job.backend_handle, kind="failed", cause=cause)
             self._finish(job, S.FAILED, cause, message)
 
-    def _finished(self, job: Job, status) -> bool:
-        """Whether a preempted job's run completed its training anyway. Ray reports a run it was
-        asked to stop as STOPPED even when the driver exited 0, so the driver's own word decides:
-        its last attempt of this run ended ``finished`` (its final report arrives before it exits)."""
-        if status.state is State.SUCCEEDED:
-            return True
+    def _finished(self, job: Job, state: State) -> bool:
+        """Whether the job's current run trained to the end (:func:`run_finished`); the driver's
+        final report arrives before it exits, so it is in the store when Ray says the run ended."""
         runs = [a for a in self.store.attempts(job.id) if a.submission == job.backend_handle]
-        return bool(runs) and runs[-1].ended_at is not None and runs[-1].kind == "finished"
+        return run_finished(self.store.run_outcome(job.id, job.backend_handle), runs, job.total_steps, state)
 
     def _failure(self, job: Job, status) -> tuple[str, str]:
-        """Why a run failed: the driver's own last word (its outcome report) if it sent one."""
-        outcome = next((e.message for e in reversed(self.store.events(job.id, kind="outcome"))), None)
-        if status.state is State.STOPPED:
-            return "stopped", status.message or "the run was stopped outside shipyard"
-        if outcome:
-            kind, _, text = outcome.partition(": ")
-            return ("user_error" if kind == "user_error" else "failed"), text
+        """Why a run failed: the driver's own last word (its typed outcome) if it sent one; the
+        error text of its outcome event is only the message shown to people."""
+        outcome = self.store.run_outcome(job.id, job.backend_handle)
+        if status.state is State.STOPPED or outcome in (RunOutcome.STOPPED, RunOutcome.PREEMPTED):
+            return "stopped", status.message or "the run was stopped outside shipyard before it finished"
+        if outcome in (RunOutcome.FAILED, RunOutcome.USER_ERROR):
+            text = next((e.message for e in reversed(self.store.events(job.id, kind="outcome"))), "")
+            return outcome.value, text.partition(": ")[2] or status.message or "the run failed"
         return "failed", status.message or status.reason or "the run failed"
 
     def _lost(self, job: Job, message: str) -> None:

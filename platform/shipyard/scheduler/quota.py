@@ -1,6 +1,6 @@
 """Per-tenant quotas: GPUs, CPUs and jobs holding resources at once.
 
-Usage counts every job that holds resources (ADMITTED, RUNNING, RESTARTING and PREEMPTED while
+Usage counts every job that holds resources (CPUs rounded up per worker, :func:`charged`) (ADMITTED, RUNNING, RESTARTING and PREEMPTED while
 it drains), since those are the workers the tenant occupies. A quota caps admissions; it never
 stops running jobs, and a quota-blocked job neither reserves capacity nor preempts anyone:
 waiting for capacity would not help it, only the tenant's own jobs ending would.
@@ -8,10 +8,11 @@ waiting for capacity would not help it, only the tenant's own jobs ending would.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shipyard.scheduler.snapshot import EPS, JobRequest, Quota, RunningJob
+from shipyard.scheduler.snapshot import EPS, JobRequest, Quota, Resources, RunningJob
 
 
 def fmt(x: float) -> str:
@@ -25,10 +26,17 @@ class Usage:
     jobs: int = 0
 
     def add(self, job: JobRequest) -> None:
-        d = job.demand
+        d = charged(job)
         self.gpus += d.gpus
         self.cpus += d.cpus
         self.jobs += 1
+
+
+def charged(job: JobRequest) -> Resources:
+    """What a job counts against its tenant's quota: each worker's CPUs rounded up to a whole CPU,
+    so 4,096 workers of a millionth of a CPU count as 4,096 CPUs, not 0.004."""
+    per = job.per_worker
+    return Resources(math.ceil(per.cpus - EPS), per.gpus, per.memory) * job.workers
 
 
 def usage_by_tenant(running: Iterable[RunningJob]) -> dict[str, Usage]:
@@ -42,7 +50,7 @@ def blocked(job: JobRequest, usage: Usage | None, quota: Quota | None) -> str | 
     """Why the tenant's quota keeps ``job`` waiting, or ``None`` if it does not."""
     if quota is None:
         return None
-    u, d, t = usage or Usage(), job.demand, job.tenant
+    u, d, t = usage or Usage(), charged(job), job.tenant
     for label, need, used, limit in (("GPUs", d.gpus, u.gpus, quota.max_gpus),
                                      ("CPUs", d.cpus, u.cpus, quota.max_cpus)):
         if limit is None or need <= EPS:

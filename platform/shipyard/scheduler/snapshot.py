@@ -135,6 +135,7 @@ class Snapshot:
     running: tuple[RunningJob, ...] = ()
     nodes: tuple[Node, ...] = ()
     quotas: Mapping[str, Quota] = field(default_factory=dict)
+    tenant_priority: Mapping[str, int] = field(default_factory=dict)  # admin-set; absent = 0
 
     @classmethod
     def aggregate(cls, free: Resources, total: Resources | None = None, **kw) -> "Snapshot":

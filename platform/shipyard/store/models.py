@@ -53,6 +53,9 @@ class Tenant(Base):
     max_cpus: Mapped[float | None] = mapped_column(Float)
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime]
+    # Migration 0003: extra storage roots ([{"uri", "writable"}]) and the admin-set priority.
+    storage_roots: Mapped[list | None] = mapped_column(JSON)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Token(Base):
@@ -89,8 +92,13 @@ class Job(Base):
     progress: Mapped[float | None] = mapped_column(Float)
     checkpoint: Mapped[str | None] = mapped_column(Text)  # latest committed checkpoint the driver reported
     total_steps: Mapped[int | None] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))  # migration 0003
+    # Migration 0005: how the driver of run ``outcome_run`` said it ended (runtime.report.RunOutcome).
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    outcome_run: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_idempotency"),
         Index("ix_jobs_state", "state"),
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
         Index("ix_jobs_name", "name"),

@@ -23,10 +23,14 @@ class Tenant:
     max_cpus: float | None = None
     max_running_jobs: int | None = None
     created_at: datetime | None = None
+    storage_roots: tuple[tuple[str, bool], ...] = ()  # (uri, writable) granted by an admin
+    priority: int = 0  # admin-set; a job preempts another tenant's only from a higher one
 
     @classmethod
     def of(cls, row: models.Tenant) -> "Tenant":
-        return cls(row.name, row.max_gpus, row.max_cpus, row.max_running_jobs, row.created_at)
+        roots = tuple((r["uri"], bool(r.get("writable", True))) for r in (row.storage_roots or []))
+        return cls(row.name, row.max_gpus, row.max_cpus, row.max_running_jobs, row.created_at, roots,
+                   row.priority or 0)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ its run from 1, the store numbers them per job across runs (a requeued job's sec
 continues the count). Metrics are held to at most :data:`MAX_POINTS` rows per job (recent rows
 raw, older ones averaged into buckets: :mod:`shipyard.store.metrics`), so a week-long job costs
 as much storage as a one-hour one.
+
+The driver's last report carries the run's outcome (:class:`~shipyard.runtime.report.RunOutcome`),
+stored on the job with the run it belongs to (migration 0005): :meth:`RunsMixin.run_outcome` reads
+it back for that run only, so a requeued job's new run never sees its previous run's word.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
+from shipyard.runtime.report import RunOutcome
 from shipyard.store import models
 from shipyard.store.errors import JobNotFound
 from shipyard.store.metrics import MAX_POINTS  # noqa: F401 - where tests and callers found it
@@ -55,7 +60,7 @@ class RunsMixin:
                       checkpoint: str | None = None, attempts: Sequence[Mapping[str, Any]] = (),
                       events: Sequence[tuple[float, str]] = (),
                       metrics: Sequence[tuple[int, float, Mapping[str, Any]]] = (),
-                      now: datetime | None = None) -> list[Attempt]:
+                      outcome: RunOutcome | None = None, now: datetime | None = None) -> list[Attempt]:
         """Store one driver snapshot; returns the job's attempts of this run afterwards."""
         now = now or datetime.now(timezone.utc)
         with self._write() as s:
@@ -100,11 +105,24 @@ class RunsMixin:
                 values["progress"] = min(1.0, int(step or 0) / int(total))
             if checkpoint:
                 values["checkpoint"] = str(checkpoint)
+            if outcome is not None:
+                values["outcome"], values["outcome_run"] = RunOutcome(outcome).value, submission
             s.execute(update(models.Job).where(models.Job.id == job_id).values(**values)
                       .execution_options(synchronize_session=False))
             if metrics:
                 self._thin_metrics(s, job_id)
             return [Attempt.of(r) for r in sorted(runs.values(), key=lambda r: r.number)]
+
+    def run_outcome(self, job_id: str, submission: str | None) -> RunOutcome | None:
+        """What the driver of run ``submission`` reported as its outcome; None until it has."""
+        if submission is None:
+            return None
+        with self._read() as s:
+            row = s.execute(select(models.Job.outcome, models.Job.outcome_run).where(models.Job.id == job_id)).first()
+        if row is None:
+            raise JobNotFound(job_id)
+        outcome, run = row
+        return RunOutcome(outcome) if outcome and run == submission else None
 
     def close_run(self, job_id: str, submission: str | None, *, kind: str, cause: str,
                   now: datetime | None = None) -> int:

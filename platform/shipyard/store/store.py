@@ -97,15 +97,18 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
         """Persist a QUEUED job; returns after the commit. ``spec``: a JobSpec or its JSON dict."""
         return self.submit_job(tenant, spec, priority=priority, now=now).result()
 
-    def submit_job(self, tenant: str, spec: Any, *, priority: int = 0, now: datetime | None = None) -> Future:
+    def submit_job(self, tenant: str, spec: Any, *, priority: int = 0, now: datetime | None = None,
+                   idempotency_key: str | None = None) -> Future:
         """:meth:`add_job` without waiting: a future holding the :class:`Job` once it is committed
         (an event loop awaits it with ``asyncio.wrap_future``). Concurrent submissions share one
-        transaction (:mod:`shipyard.store.submits`)."""
+        transaction (:mod:`shipyard.store.submits`). A tenant's second submit with the same
+        ``idempotency_key`` resolves to the job the first one created (nothing new is stored)."""
         spec_json = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
         name = spec_json.get("name")
         if not isinstance(name, str) or not name:
             raise UserError("job spec has no name")
-        return self._submits.submit(Submission(tenant, name, spec_json, int(priority), now or utcnow()))
+        return self._submits.submit(Submission(tenant, name, spec_json, int(priority), now or utcnow(),
+                                               idempotency_key))
 
     def get_job(self, job_id: str, *, tenant: str | None = None) -> Job:
         """The job, or :class:`JobNotFound`; with ``tenant``, another tenant's job is "not found"

@@ -47,6 +47,7 @@ class Submission:
     spec: dict[str, Any]
     priority: int
     now: datetime
+    idempotency_key: str | None = None
     id: str = field(default_factory=lambda: f"job-{secrets.token_hex(6)}")
     future: Future = field(default_factory=Future)
 
@@ -56,20 +57,45 @@ def insert_jobs(writer: Engine, subs: Sequence[Submission]) -> list[Job | Except
     tenant does not exist (which are not inserted). Any other failure raises, committing nothing."""
     with writer.begin() as conn:
         known = set(conn.scalars(select(_TENANTS.c.name).where(_TENANTS.c.name.in_({s.tenant for s in subs}))))
-        ok = [s for s in subs if s.tenant in known]
+        earlier = _earlier(conn, [s for s in subs if s.tenant in known])
+        ok = []
+        for s in subs:
+            if s.tenant in known and (s.tenant, s.idempotency_key) not in earlier:
+                ok.append(s)
+                if s.idempotency_key is not None:  # a repeat of this key later in the batch gets this job
+                    earlier[(s.tenant, s.idempotency_key)] = s
         seqs: dict[str, int] = {}
         if ok:
             rows = [{"id": s.id, "tenant": s.tenant, "name": s.name, "spec": s.spec, "priority": s.priority,
-                     "state": JobState.QUEUED.value, "submitted_at": s.now, "updated_at": s.now} for s in ok]
+                     "state": JobState.QUEUED.value, "submitted_at": s.now, "updated_at": s.now,
+                     "idempotency_key": s.idempotency_key} for s in ok]
             returned = conn.execute(insert(_JOBS).returning(_JOBS.c.id, _JOBS.c.seq, sort_by_parameter_order=True),
                                     rows)
             seqs = dict(returned.tuples().all())
             conn.execute(insert(_EVENTS), [
                 {"job_id": s.id, "at": s.now, "kind": "submitted",
                  "message": f"submitted by tenant {s.tenant} with priority {s.priority}"} for s in ok])
-    return [Job(s.id, s.tenant, s.name, s.spec, s.priority, JobState.QUEUED, s.now, None, None, s.now, None,
-                None, None, None, None, seqs[s.id]) if s.tenant in known else TenantNotFound(s.tenant)
-            for s in subs]
+    def result(s: Submission) -> Job | Exception:
+        if s.tenant not in known:
+            return TenantNotFound(s.tenant)
+        first = earlier.get((s.tenant, s.idempotency_key)) if s.idempotency_key is not None else None
+        if isinstance(first, Job):
+            return first
+        s = first or s
+        return Job(s.id, s.tenant, s.name, s.spec, s.priority, JobState.QUEUED, s.now, None, None, s.now, None,
+                   None, None, None, None, seqs[s.id])
+
+    return [result(s) for s in subs]
+
+
+def _earlier(conn, subs: Sequence[Submission]) -> dict[tuple[str, str], Job | Submission]:
+    """Jobs already stored under the idempotency keys of ``subs``: a retried submit gets the job
+    its first attempt created, not a second one."""
+    keyed = {(s.tenant, s.idempotency_key) for s in subs if s.idempotency_key is not None}
+    if not keyed:
+        return {}
+    rows = conn.execute(select(_JOBS).where(_JOBS.c.idempotency_key.in_({k for _, k in keyed}))).all()
+    return {(r.tenant, r.idempotency_key): Job.of(r) for r in rows if (r.tenant, r.idempotency_key) in keyed}
 
 
 class GroupCommit:

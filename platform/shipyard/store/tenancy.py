@@ -42,6 +42,23 @@ def _check_quota(field: str, value: float | None) -> None:
         raise UserError(f"{field}: got {value}; must be >= 0, or unset for no limit")
 
 
+def _check_priority(priority: int) -> None:
+    if not isinstance(priority, int) or not -1000 <= priority <= 1000:
+        raise UserError(f"priority: got {priority!r}; must be an integer from -1000 to 1000")
+
+
+def _roots(roots) -> list[dict]:
+    """Validated ``[{"uri", "writable"}]`` (a root must be a well-formed s3:// or absolute local URI)."""
+    from shipyard.scopes import normalise
+
+    out = []
+    for uri, writable in roots:
+        out.append({"uri": normalise(uri, "--storage-root", allow_local=True), "writable": bool(writable)})
+    if len(out) > 64:
+        raise UserError(f"storage roots: got {len(out)}; at most 64 per tenant")
+    return out
+
+
 CACHE_MAX = 10_000  # distinct valid tokens remembered; past it the cache starts over
 
 
@@ -82,14 +99,19 @@ class TenancyMixin:
         self._tokens.forget()
 
     def create_tenant(self, name: str, *, max_gpus: float | None = None, max_cpus: float | None = None,
-                      max_running_jobs: int | None = None, exist_ok: bool = False) -> Tenant:
+                      max_running_jobs: int | None = None, storage_roots: list[tuple[str, bool]] = (),
+                      priority: int = 0, exist_ok: bool = False) -> Tenant:
+        """``storage_roots``: ``(uri, writable)`` prefixes the tenant's jobs may use besides the
+        server's default root for it; ``priority``: see :meth:`set_priority`."""
         if not _TENANT.match(name):
             raise UserError(f"tenant name: got {name!r}; must be lower-case letters, digits and '-', "
                             "at most 63 characters")
         for field, v in (("max_gpus", max_gpus), ("max_cpus", max_cpus), ("max_running_jobs", max_running_jobs)):
             _check_quota(field, v)
+        _check_priority(priority)
         row = models.Tenant(name=name, max_gpus=max_gpus, max_cpus=max_cpus, max_running_jobs=max_running_jobs,
-                            created_at=datetime.now(timezone.utc))
+                            created_at=datetime.now(timezone.utc), storage_roots=_roots(storage_roots),
+                            priority=priority)
         try:
             with self._write() as s:
                 s.add(row)
@@ -117,6 +139,25 @@ class TenancyMixin:
                                       ("max_running_jobs", max_running_jobs)) if v is not _UNSET}
         for field, v in changes.items():
             _check_quota(field, v)
+        with self._write() as s:
+            row = s.get(models.Tenant, name)
+            if row is None:
+                raise TenantNotFound(name)
+            for field, v in changes.items():
+                setattr(row, field, v)
+            return Tenant.of(row)
+
+    def set_storage(self, name: str, storage_roots: list[tuple[str, bool]]) -> Tenant:
+        """Replace the tenant's granted storage roots (``(uri, writable)``)."""
+        return self._update_tenant(name, storage_roots=_roots(storage_roots))
+
+    def set_priority(self, name: str, priority: int) -> Tenant:
+        """The tenant's priority: a job may preempt another tenant's job only when its own
+        tenant's priority is higher (a job's ``priority`` orders its tenant's queue)."""
+        _check_priority(priority)
+        return self._update_tenant(name, priority=priority)
+
+    def _update_tenant(self, name: str, **changes) -> Tenant:
         with self._write() as s:
             row = s.get(models.Tenant, name)
             if row is None:

@@ -7,7 +7,8 @@ sends itself SIGTERM once after that step, as a Kubernetes eviction or a spot no
 steps; ``config.hang_at`` makes rank 1 sleep once after that step (a hung rank);
 ``config.fail_at`` raises on rank 0 at that step in every attempt (a bug no restart fixes);
 ``config.step_sleep_s`` slows every step down, ``config.slow_at_world`` only steps at that world
-size (so a test can act on a running job).
+size (so a test can act on a running job); ``config.print_env`` prints rank 0's environment once
+(a test then checks that none of the server's secrets reached the job).
 """
 
 import json
@@ -26,6 +27,8 @@ def train(ctx):
     out = Path(ctx.config["out"])
     crash_at = ctx.config.get("crash_at")
     sigterm_at = ctx.config.get("sigterm_at")
+    if ctx.config.get("print_env") and ctx.rank == 0:
+        print("environment: " + " ".join(sorted(f"{k}={v}" for k, v in os.environ.items())), flush=True)
     for batch in ctx.batches():
         optimizer.zero_grad()
         loss = F.cross_entropy(model(batch["x"]), batch["y"])

@@ -95,19 +95,20 @@ def load_yaml(text: str | bytes, source: str) -> Any:
     return value
 
 
-def load_json(text: str | bytes, source: str) -> Any:
-    """A JSON document as plain Python values, within the limits above."""
+def load_json(text: str | bytes, source: str, max_nodes: int = MAX_NODES) -> Any:
+    """A JSON document as plain Python values, within the limits above (``max_nodes``: a larger
+    budget for a driver's report, which carries up to 100,000 metric points)."""
     try:
         value = json.loads(text)
     except RecursionError:
         raise SpecError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UnparsableDocument(f"{source}: not valid JSON: {e}") from None
-    check_tree(value, source)
+    check_tree(value, source, max_nodes)
     return value
 
 
-def check_tree(value: Any, source: str) -> None:
+def check_tree(value: Any, source: str, max_nodes: int = MAX_NODES) -> None:
     """Depth, node count, string length, NUL bytes and finite numbers of an already parsed tree
     (YAML's ``.inf``/``.nan`` and JSON's ``Infinity``/``NaN`` are refused here, whatever field
     they are in)."""
@@ -116,8 +117,8 @@ def check_tree(value: Any, source: str) -> None:
     while stack:
         node, depth, path = stack.pop()
         count += 1
-        if count > MAX_NODES:
-            raise SpecError(f"{source}: more than {MAX_NODES} values")
+        if count > max_nodes:
+            raise SpecError(f"{source}: more than {max_nodes} values")
         if depth > MAX_DEPTH:
             raise SpecError(f"{source}: {path or '(top level)'}: nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):

@@ -145,8 +145,13 @@ def test_driver_reports_store_attempts_metrics_and_move_the_state(api):
     store.update_job(job, backend_handle="run-1")
     url = f"/v1/jobs/{job}/report"
     assert error(api.post(url, json={}, headers=h(api, "a")), 403)  # a user token is not a report token
-    assert error(api.post(url, json={}, headers={"Authorization": f"Bearer {report_token(KEY, 'job-other')}"}), 403)
-    auth = {"Authorization": f"Bearer {report_token(KEY, job)}"}
+    assert error(api.post(url, json={}, headers={"Authorization": f"Bearer {report_token(KEY, 'job-other', 'run-1')}"}), 403)
+    auth = {"Authorization": f"Bearer {report_token(KEY, job, 'run-1')}"}
+    # The token is checked before the body is read, and it is bound to its run.
+    assert error(api.post(url, content=b"{" * 5000, headers={"Content-Type": "application/json"}), 401)
+    stale = {"Authorization": f"Bearer {report_token(KEY, job, 'run-0')}"}
+    assert "not run-1" in error(api.post(url, json={"submission": "run-1"}, headers=stale), 403)
+    assert api.post(url, json={"step": 3}, headers=stale).json()["ok"] is False  # a stale run's report is dropped
     t0 = time.time()
     points = [[i, t0, {"loss": 1.0 / (i + 1)}] for i in range(MAX_POINTS + 500)]
     body = {"submission": "run-1", "step": 40, "total": 100, "checkpoint": "/ck/step-000000040",
@@ -170,8 +175,8 @@ def test_driver_reports_store_attempts_metrics_and_move_the_state(api):
     assert any("checkpoint at step 40" in e["message"] for e in got["events"])
     series = api.get(f"/v1/jobs/{job}/metrics?name=loss", headers=h(api, "a")).json()["points"]
     assert len(series) <= MAX_POINTS and series[0]["step"] == 0 and series[-1]["step"] == MAX_POINTS + 499
-    # A report from a run that is no longer the job's is acknowledged and dropped.
-    assert api.post(url, json={**body, "submission": "run-0"}, headers=auth).json()["ok"] is False
+    # A token cannot speak for another run than its own.
+    assert error(api.post(url, json={**body, "submission": "run-0"}, headers=auth), 403)
 
 
 def test_prometheus_metrics_have_bounded_labels(api):

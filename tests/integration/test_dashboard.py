@@ -88,7 +88,7 @@ def seed_finished_job_with_one_failure(url: str, token: str, store) -> tuple[str
     from shipyard.api.auth import report_token
     from shipyard.store import JobState as S
 
-    spec = {"name": "digits-ft", "entrypoint": "train.py:train", "dataset": {"uri": "/data/digits"},
+    spec = {"name": "digits-ft", "entrypoint": "train:train", "dataset": {"uri": "/data/digits"},
             "workers": {"count": 2, "cpus": 1}}
     r = httpx.post(f"{url}/v1/jobs", json=spec, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 201, r.text
@@ -109,7 +109,7 @@ def seed_finished_job_with_one_failure(url: str, token: str, store) -> tuple[str
             "attempts": attempts, "events": [[t0 + 165, "restarting from step 50"]], "metrics": points,
             "outcome": None}
     r = httpx.post(f"{url}/v1/jobs/{job_id}/report", json=body,
-                   headers={"Authorization": f"Bearer {report_token(b'dashboard-test', job_id)}"})
+                   headers={"Authorization": f"Bearer {report_token(b'dashboard-test', job_id, 'raysubmit_1')}"})
     assert r.status_code == 200 and r.json()["ok"], r.text
     store.transition(job_id, S.RUNNING, S.SUCCEEDED, message="finished")
     return job_id, len(points)
@@ -180,7 +180,7 @@ def test_shipyard_top_once_shows_the_running_job_with_its_progress_and_built_in_
 
     url, token, store = server
     finished, _ = seed_finished_job_with_one_failure(url, token, store)
-    spec = {"name": "lm-top", "entrypoint": "train.py:train", "dataset": {"uri": "/data/lm"}}
+    spec = {"name": "lm-top", "entrypoint": "train:train", "dataset": {"uri": "/data/lm"}}
     job_id = httpx.post(f"{url}/v1/jobs", json=spec, headers={"Authorization": f"Bearer {token}"}).json()["id"]
     store.transition(job_id, S.QUEUED, S.ADMITTED, backend_handle="raysubmit_2")
     t0 = time.time() - 60
@@ -189,7 +189,7 @@ def test_shipyard_top_once_shows_the_running_job_with_its_progress_and_built_in_
     body = {"submission": "raysubmit_2", "step": 40, "total": 100, "metrics": points,
             "attempts": [{"number": 1, "start": t0, "start_step": 0, "last_step": 40}]}
     r = httpx.post(f"{url}/v1/jobs/{job_id}/report", json=body,
-                   headers={"Authorization": f"Bearer {report_token(b'dashboard-test', job_id)}"})
+                   headers={"Authorization": f"Bearer {report_token(b'dashboard-test', job_id, 'raysubmit_2')}"})
     assert r.json() == {"ok": True, "state": "RUNNING"}, r.text
 
     r = shipyard("top", "--once", "--url", url, "--token", token, timeout=60)
@@ -199,5 +199,7 @@ def test_shipyard_top_once_shows_the_running_job_with_its_progress_and_built_in_
     assert row.index("loss=0.1") < row.index("step_time_s=0.25"), row  # the job's own metrics first
     assert finished not in r.stdout and "q quits" not in r.stdout
     # The same built-ins are per-job Prometheus gauges while the job runs.
-    text = httpx.get(f"{url}/metrics").text
+    assert job_id not in httpx.get(f"{url}/metrics").text  # per-job series are for an admin's scrape
+    admin = store.create_token("team", admin=True)[0]
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {admin}"}).text
     assert f'shipyard_job_metric{{job="{job_id}",metric="samples_per_s",name="lm-top",tenant="team"}} 256.0' in text

@@ -97,7 +97,7 @@ def running(api) -> str:
 
 
 def report(api, job_id, outcome: dict | None, attempts, step):
-    r = api.post(f"/v1/jobs/{job_id}/report", headers={"Authorization": f"Bearer {report_token(KEY, job_id)}"},
+    r = api.post(f"/v1/jobs/{job_id}/report", headers={"Authorization": f"Bearer {report_token(KEY, job_id, 'run-1')}"},
                  json={"submission": "run-1", "step": step, "total": TOTAL, "attempts": attempts, "outcome": outcome})
     assert r.status_code == 200 and r.json()["ok"], r.text
 

@@ -4,10 +4,12 @@ Users and admins present a token created with ``shipyard admin create-token`` (s
 mapped to a tenant and a role). A user sees and acts on its tenant's jobs only: another tenant's
 job answers 404, exactly like a job that does not exist, so ids do not leak. An admin sees all.
 
-A job's driver reports progress with a *report token*: an HMAC of the job id under the server's
-report key (kept in the data directory, or ``SHIPYARD_REPORT_KEY``). It authorises posting that
-one job's reports and nothing else; the server derives it instead of storing it, so a restarted
-server still accepts the reports of runs submitted before it died.
+A job's driver reports progress with a *report token*: an HMAC of the job id and the run (the
+backend submission) under the server's report key (kept in the data directory, or
+``SHIPYARD_REPORT_KEY``). It authorises posting that one run's reports and nothing else, and
+lives as long as the run is the job's current one (the report route drops a stale run's
+reports); the server derives it instead of storing it, so a restarted server still accepts the
+reports of runs submitted before it died.
 
 With auth off (``shipyard server --no-auth``, single-user local mode) every request acts as an
 admin of the ``default`` tenant.
@@ -69,11 +71,19 @@ async def principal(request: Request) -> Principal:
     return Principal(record.tenant, record.admin)
 
 
-def report_token(key: bytes, job_id: str) -> str:
-    return REPORT_PREFIX + hmac.new(key, job_id.encode(), hashlib.sha256).hexdigest()
+def report_token(key: bytes, job_id: str, run: str) -> str:
+    """The token of one run of one job: ``shr_<run>.<HMAC(job id, run)>``. It names its run, so the
+    server checks it before reading a byte of the report, and a report for any other run (a
+    requeued job's previous one, another job's) is refused."""
+    mac = hmac.new(key, f"{job_id}\n{run}".encode(), hashlib.sha256).hexdigest()
+    return f"{REPORT_PREFIX}{run}.{mac}"
 
 
-def check_report_token(request: Request, job_id: str) -> None:
+def check_report_token(request: Request, job_id: str) -> str:
+    """The run the request's report token is for, or 403."""
     token = bearer(request)
-    if not hmac.compare_digest(token, report_token(request.app.state.config.report_key, job_id)):
+    run, _, _ = token.removeprefix(REPORT_PREFIX).rpartition(".")
+    if not (token.startswith(REPORT_PREFIX) and run and len(run) <= 200
+            and hmac.compare_digest(token, report_token(request.app.state.config.report_key, job_id, run))):
         raise ApiError(403, f"this token may not report for job {job_id}")
+    return run

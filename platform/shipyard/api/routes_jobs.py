@@ -193,16 +193,20 @@ def metrics(request: Request, who: Caller, job_id: str,
 
 
 def _register_spec_schema(app) -> None:
-    """Put JobSpec's JSON schema into the OpenAPI components (the body is read raw, for YAML)."""
+    """Put the JobSpec's and the driver Report's JSON schemas into the OpenAPI components (both
+    bodies are read raw: the spec may be YAML, and a report is read only after its token is checked)."""
     original = app.openapi
 
     def openapi():
         if app.openapi_schema:
             return app.openapi_schema
         schema = original()
-        spec_schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-        defs = spec_schema.pop("$defs", {})
-        schema.setdefault("components", {}).setdefault("schemas", {}).update({**defs, "JobSpec": spec_schema})
+        from shipyard.api.routes_report import Report
+
+        for name, model in (("JobSpec", JobSpec), ("Report", Report)):
+            body_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            defs = body_schema.pop("$defs", {})
+            schema.setdefault("components", {}).setdefault("schemas", {}).update({**defs, name: body_schema})
         app.openapi_schema = schema
         return schema
 

@@ -14,9 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from shipyard.api.auth import check_report_token
+from shipyard.api.errors import ApiError
+from shipyard.untrusted import load_json
 from shipyard.api.schemas import ReportAck
 from shipyard.runtime.report import RunOutcome
 from shipyard.scheduler.loop import run_state
@@ -59,10 +63,26 @@ class Report(BaseModel):
     outcome: Outcome | None = None
 
 
-@router.post("/jobs/{job_id}/report", response_model=ReportAck)
-def report(request: Request, job_id: str, body: Report) -> ReportAck:
-    """A driver's progress snapshot (job report token required)."""
-    check_report_token(request, job_id)
+MAX_REPORT_VALUES = 1_000_000  # 100,000 metric points of a few values each, plus attempts and events
+REPORT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/Report"}}}}}
+
+
+@router.post("/jobs/{job_id}/report", response_model=ReportAck, openapi_extra=REPORT_BODY)
+async def report(request: Request, job_id: str) -> ReportAck:
+    """A driver's progress snapshot (the run's report token required; checked before the body is read)."""
+    run = check_report_token(request, job_id)
+    raw = await request.body()  # bounded by the middleware as it arrives
+    try:
+        body = Report.model_validate(load_json(raw, "body", max_nodes=MAX_REPORT_VALUES))
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    if body.submission is not None and body.submission != run:
+        raise ApiError(403, f"this token reports for run {run}, not {body.submission}")
+    return await run_in_threadpool(_record, request, job_id, body.model_copy(update={"submission": run}))
+
+
+def _record(request: Request, job_id: str, body: Report) -> ReportAck:
     store = request.app.state.store
     job = store.get_job(job_id)
     if body.submission is not None and job.backend_handle not in (None, body.submission) or (

@@ -138,7 +138,7 @@ def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Pat
         tenant = store.get_job(job_id).tenant if store is not None else DEFAULT_TENANT
         env = {**tenant_env(data_dir, tenant),
                "SHIPYARD_REPORT_URL": f"{public_url}/v1/jobs/{job_id}/report",
-               "SHIPYARD_REPORT_TOKEN": report_token(key, job_id)}
+               "SHIPYARD_REPORT_TOKEN": report_token(key, job_id, submission)}
         if policy is not None and store is not None:
             env[ROOTS_ENV] = to_env(policy.roots(store.get_tenant(tenant)), policy.allow_local)
         return env

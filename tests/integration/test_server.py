@@ -115,6 +115,16 @@ def wait(client, job_id, states, timeout=240):
     raise TimeoutError(f"{job_id} still {job['state']}: {json.dumps(job)[:3000]}")
 
 
+def forget_on_the_head(server, submission: str) -> None:
+    """Delete a finished Ray job (and its logs) from the head, as `ray job delete` does."""
+    code = ("import os, sys; from shipyard.config import enable_ray_token_auth; enable_ray_token_auth(); "
+            "from shipyard.backends.ray import RayBackend; "
+            "assert RayBackend(os.environ['RAY_ADDRESS']).client.delete_job(sys.argv[1])")
+    r = subprocess.run([sys.executable, "-c", code, submission], env={**server.env, "RAY_ADDRESS": server.ray_address},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def steps_run(out: Path, rank: int = 0) -> list[int]:
     return [json.loads(line)["step"] for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
 
@@ -142,6 +152,14 @@ def test_two_jobs_submitted_with_the_cli_both_succeed_with_attempts_and_metrics(
     r = cli(server, "list", "--state", "SUCCEEDED")
     assert a in r.stdout and b in r.stdout
     assert "record-ids finished: step 23/23" in cli(server, "logs", a).stdout
+    # The server keeps its own copy of every run's log: it outlives the run's record on the Ray head.
+    forget_on_the_head(server, f"shipyard-{a}-1")
+    assert "record-ids finished: step 23/23" in cli(server, "logs", a).stdout
+    import shutil
+
+    shutil.rmtree(server.data_dir / "logs" / a)  # and once both copies are gone, the user is told so
+    r = cli(server, "logs", a)
+    assert r.returncode == 2 and "logs of job" in r.stderr and "are gone" in r.stderr, r.stdout + r.stderr
     # Bad input through the CLI: the field is named, exit 2, no traceback.
     r = cli(server, "submit", "-f", JOB, "--set", "workers.count=0")
     assert r.returncode == 2 and "workers.count: got 0" in r.stderr and "Traceback" not in r.stderr

@@ -7,6 +7,8 @@ run it over SQLite alone.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -93,12 +95,31 @@ def _bounded(receive, limit: int):
     return bounded
 
 
-def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig(), packages=None) -> FastAPI:
+def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig(), packages=None,
+               logs=None) -> FastAPI:
+    """``logs``: a :class:`~shipyard.api.log_archive.LogArchive`; with a backend that can tail
+    logs, the app archives every active run's output into it while it serves."""
     from shipyard import __version__
 
-    app = FastAPI(title="shipyard", version=__version__, openapi_url="/openapi.json",
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        archiver = None
+        if logs is not None and hasattr(backend, "tail_logs"):
+            from shipyard.api.log_archive import LogArchiver
+
+            archiver = LogArchiver(store, backend, logs)
+            task = asyncio.create_task(archiver.run(), name="log-archiver")
+        try:
+            yield
+        finally:
+            if archiver is not None:
+                task.cancel()
+                await archiver.stop()
+
+    app = FastAPI(title="shipyard", version=__version__, openapi_url="/openapi.json", lifespan=lifespan,
                   description="Submit, watch and cancel distributed training jobs. Every /v1 route needs "
                               "'Authorization: Bearer <token>'.")
+    app.state.logs = logs
     app.state.store, app.state.backend, app.state.loop, app.state.config = store, backend, loop, config
     app.state.packages = packages  # a shipyard.packages.PackageStore; None: no code packages (tests)
     app.state.metrics = ServerMetrics(store)

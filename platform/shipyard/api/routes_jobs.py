@@ -20,6 +20,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from shipyard.api import intake, routes_packages
 from shipyard.api.auth import Principal, principal
+from shipyard.backends.base import BackendError
 from shipyard.api.errors import ApiError
 from shipyard.api.schemas import (AttemptOut, CheckpointOut, Created, EventOut, JobDetail, JobList, JobSummary,
                                   MetricPointOut, MetricsOut)
@@ -168,15 +169,28 @@ def cancel(request: Request, who: Caller, job_id: str) -> JobSummary:
 async def logs(request: Request, who: Caller, job_id: str, follow: bool = False,
                tail: Annotated[int | None, Query(ge=1, le=100_000)] = 1000) -> Response:
     """The job's driver output (``shipyard run``'s); ``follow=true`` streams until the run ends.
+    Answered from the server's archive of the job's runs once it holds any (it outlives the Ray
+    head), else from the backend; 410 when the job ran but its logs are gone from both.
     A followed stream is an asynchronous iterator on the event loop: when the client goes away
     it is cancelled there and then, holding no thread."""
     job = await run_in_threadpool(_job, request, who, job_id)
-    backend = request.app.state.backend
-    if backend is None or not job.backend_handle:
-        return PlainTextResponse("")
-    if follow and hasattr(backend, "follow_logs"):
+    backend, archive = request.app.state.backend, request.app.state.logs
+    live = backend is not None and job.backend_handle and job.state not in TERMINAL
+    if follow and live and hasattr(backend, "follow_logs"):
         return StreamingResponse(backend.follow_logs(job.backend_handle), media_type="text/plain")
-    return PlainTextResponse(await run_in_threadpool(backend.logs, job.backend_handle, tail=tail))
+    archived = await run_in_threadpool(archive.read, job_id, tail) if archive is not None else None
+    if archived is not None:
+        return PlainTextResponse(archived)
+    text = ""
+    if backend is not None and job.backend_handle:
+        try:
+            text = await run_in_threadpool(backend.logs, job.backend_handle, tail=tail)
+        except BackendError:
+            text = ""
+    if not text and archive is not None and job.state in TERMINAL and job.started_at is not None:
+        raise ApiError(410, f"the logs of job {job_id} are gone: its run {job.backend_handle} is no longer on "
+                            "the backend and this server has no copy of them", "logs_gone")
+    return PlainTextResponse(text)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsOut)

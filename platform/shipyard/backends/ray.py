@@ -37,6 +37,7 @@ from pathlib import Path
 
 from shipyard.backends.base import SPEC_ENV, BackendError, BackendStatus, Capacity, Handle, State, entrypoint_command
 from shipyard.config import forwarded_env
+from shipyard.runtime import ray_adapter
 from shipyard.spec import JobSpec
 
 JOB_ID_KEY = "shipyard.io/job-id"
@@ -70,17 +71,13 @@ def dashboard_url(address: str) -> str:
             raise BackendError(f"--ray-address {address}: Ray Client addresses are not supported; give the "
                                "head's GCS address (host:6379) or its dashboard URL (http://host:8265)")
         return address.rstrip("/")
-    import ray._private.ray_constants as rc
-    from ray._raylet import GcsClient
-
     try:
-        value = GcsClient(address=address).internal_kv_get(rc.DASHBOARD_ADDRESS.encode(),
-                                                           namespace=rc.KV_NAMESPACE_DASHBOARD, timeout=TIMEOUT_S)
+        value = ray_adapter.dashboard_address(address, timeout_s=TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - any failure here means "no usable head at this address"
         raise BackendError(f"cannot reach the Ray head at {address}: {e}") from None
     if not value:
         raise BackendError(f"the Ray head at {address} runs no dashboard (start it with --include-dashboard)")
-    return "http://" + value.decode()
+    return "http://" + value
 
 
 class RayBackend:
@@ -206,10 +203,19 @@ class RayBackend:
         server's event loop: when the client goes away the response task is cancelled, which
         closes the Jobs API websocket at once (no thread is left waiting for the next chunk)."""
         try:
+            async for chunk in self.tail_logs(handle):
+                yield chunk
+        except BackendError as e:
+            yield f"\n[shipyard: the log stream of {handle} ended: {e}]\n"
+
+    async def tail_logs(self, handle: Handle) -> AsyncIterator[str]:
+        """The run's whole log from its start, then as it is written, until the run ends
+        (raises BackendError when the head does not know the run). What the server archives."""
+        try:
             async for chunk in self.client.tail_job_logs(handle):
                 yield chunk
         except RuntimeError as e:
-            yield f"\n[shipyard: the log stream of {handle} ended: {e}]\n"
+            raise BackendError(f"cannot tail the log of Ray job {handle}: {e}") from None
 
     def capacity(self) -> Capacity:
         nodes = self.nodes()
@@ -257,10 +263,9 @@ class RayBackend:
 
     def _get(self, path: str) -> dict:
         import httpx
-        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
         try:
-            r = httpx.get(self.url + path, headers=get_auth_headers_if_auth_enabled({}), timeout=TIMEOUT_S)
+            r = httpx.get(self.url + path, headers=ray_adapter.auth_headers(), timeout=TIMEOUT_S)
             r.raise_for_status()
             return json.loads(r.text)
         except (httpx.HTTPError, ValueError) as e:

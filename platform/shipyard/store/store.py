@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from shipyard.store import migrate, models
 from shipyard.store.engine import WRITE, default_url, make_engine
 from shipyard.store.errors import JobNotFound, StoreError
 from shipyard.store.records import Attempt, Event, Job, Page
-from shipyard.store.states import ACTIVE, JobState, StaleTransition, check_transition, parse_state
+from shipyard.store.states import ACTIVE, TERMINAL, JobState, StaleTransition, check_transition, parse_state
 from shipyard.store.metrics import MetricsMixin
 from shipyard.store.runs import RunsMixin
 from shipyard.store.submits import GroupCommit, Submission
@@ -150,6 +150,14 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
     def active_jobs(self) -> list[Job]:
         """Every job that is not finished, in submission order: what the scheduler loop snapshots."""
         q = select(models.Job).where(models.Job.state.in_([x.value for x in ACTIVE])).order_by(models.Job.seq)
+        with self._read() as s:
+            return [Job.of(r) for r in s.scalars(q)]
+
+    def recently_ended_jobs(self, within_s: float, limit: int = 500) -> list[Job]:
+        """Finished jobs that ended in the last ``within_s`` seconds, newest first."""
+        since = utcnow() - timedelta(seconds=within_s)
+        q = (select(models.Job).where(models.Job.state.in_([x.value for x in TERMINAL]), models.Job.ended_at >= since)
+             .order_by(models.Job.seq.desc()).limit(limit))
         with self._read() as s:
             return [Job.of(r) for r in s.scalars(q)]
 

@@ -76,9 +76,11 @@ class BackendError(RuntimeError):
 class Backend(Protocol):
     name: str
 
-    def submit(self, job_id: str, spec: JobSpec, tenant: str) -> Handle:
+    def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1) -> Handle:
         """Start the job. Idempotent per ``job_id``: submitting a job that already exists (the
-        server died after submit, before storing the handle) returns the existing handle."""
+        server died after submit, before storing the handle) returns the existing handle.
+        ``run`` is the number of this run as the store counts them (1 + runs so far): a backend
+        that names runs uses at least that number, whatever it still remembers itself."""
 
     def status(self, handle: Handle) -> BackendStatus:
         """The job's state now. A job the backend no longer knows is FAILED with reason NotFound,

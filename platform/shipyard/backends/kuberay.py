@@ -137,7 +137,8 @@ class KubeRayBackend:
                             f"server's package store is {where}; start the server with --package-store "
                             "s3://bucket/prefix")
 
-    def submit(self, job_id: str, spec: JobSpec, tenant: str) -> Handle:
+    def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1) -> Handle:
+        """One RayJob per job (its name is the job's): a requeued job's next run replaces it."""
         package_uri = None
         if spec.package is not None:
             try:

@@ -110,12 +110,13 @@ class RayBackend:
 
     # -- Backend -------------------------------------------------------------------------------
 
-    def submit(self, job_id: str, spec: JobSpec, tenant: str) -> Handle:
+    def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1) -> Handle:
         existing = self._submissions(job_id)
         for details in existing:
             if not _STATES.get(str(details.status), State.FAILED).terminal:
                 return details.submission_id  # submitted before the server died: re-attach
-        submission = f"{PREFIX}{job_id}-{len(existing) + 1}"
+        # Numbered from the store's count too: a Ray head that restarted has forgotten earlier runs.
+        submission = f"{PREFIX}{job_id}-{max(len(existing) + 1, run)}"
         runtime_env: dict = {"working_dir": self._working_dir(job_id, spec, tenant)} if spec.package else {}
         moved = spec.model_copy(update={"workdir": "."})
         env = {**(forwarded_env() if self._forward_env else {}), **self._job_env(job_id, submission),

@@ -201,9 +201,12 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
             return Job.of(row)
 
     def update_job(self, job_id: str, *, last_step: int | None = None, progress: float | None = None,
-                   backend_handle: str | None = _UNSET, now: datetime | None = None) -> None:
-        """Record progress (last committed step, fraction done) or the backend's handle."""
+                   backend_handle: str | None = _UNSET, runs: int | None = None, now: datetime | None = None) -> None:
+        """Record progress (last committed step, fraction done), the backend's handle, or the
+        number of runs the job has had."""
         values: dict[str, Any] = {"updated_at": now or utcnow()}
+        if runs is not None:
+            values["runs"] = runs
         if last_step is not None:
             values["last_step"] = last_step
         if progress is not None:

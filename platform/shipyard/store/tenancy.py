@@ -139,13 +139,7 @@ class TenancyMixin:
                                       ("max_running_jobs", max_running_jobs)) if v is not _UNSET}
         for field, v in changes.items():
             _check_quota(field, v)
-        with self._write() as s:
-            row = s.get(models.Tenant, name)
-            if row is None:
-                raise TenantNotFound(name)
-            for field, v in changes.items():
-                setattr(row, field, v)
-            return Tenant.of(row)
+        return self._update_tenant(name, **changes)
 
     def set_storage(self, name: str, storage_roots: list[tuple[str, bool]]) -> Tenant:
         """Replace the tenant's granted storage roots (``(uri, writable)``)."""

@@ -74,6 +74,6 @@ def install(app: FastAPI) -> None:
         return respond(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
+    async def _unexpected(request: Request, e: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         return respond(500, "internal server error (see the server's log)")

@@ -138,8 +138,9 @@ def describe_failure(worker_exceptions: dict[int, BaseException]) -> tuple[str, 
 
     from shipyard.errors import UserError
     from shipyard.runtime.preemption import Preempted
+    from shipyard.runtime.ray_adapter import unwrap_worker_error
 
-    errors = {rank: _unwrap(e) for rank, e in sorted(worker_exceptions.items())}
+    errors = {rank: unwrap_worker_error(e) for rank, e in sorted(worker_exceptions.items())}
     for rank, e in errors.items():
         if isinstance(e, Preempted):
             return _clip(str(e)), "preempted"
@@ -153,15 +154,6 @@ def describe_failure(worker_exceptions: dict[int, BaseException]) -> tuple[str, 
             return _clip(f"rank {rank}: worker process died ({_first_line(e)})"), "failed"
     rank, e = next(iter(errors.items()))
     return _clip(f"rank {rank}: {type(e).__name__}: {_first_line(e)}"), "failed"
-
-
-def _unwrap(e: BaseException) -> BaseException:
-    # Ray Train wraps a user exception (to carry its traceback); health-check failures wrap the actor error.
-    for attr in ("_base_exc", "health_check_failure"):
-        inner = getattr(e, attr, None)
-        if isinstance(inner, BaseException):
-            return _unwrap(inner)
-    return e
 
 
 def _node_death(e: BaseException) -> str:

@@ -20,9 +20,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
-
 from shipyard.runtime import preemption
+from shipyard.runtime.ray_adapter import ControllerCallback, WorkerGroupCallback
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from shipyard.config import Settings, forwarded_env
 from shipyard.data import read_manifest
 from shipyard.data.manifest import check_shards
 from shipyard.errors import DataError, UserError
+from shipyard.runtime.ray_adapter import loopback_only
 from shipyard.spec import JobSpec
 
 POLL_S = 1.0  # the driver shares the machine with the workers: poll gently
@@ -72,7 +73,7 @@ def connect(spec: JobSpec, settings: Settings) -> bool:
         return False
     # The dashboard stays on: Ray Train V2 watches its controller through the State API it serves.
     # A private cluster listens on loopback only.
-    ray.init(address="local", runtime_env=runtime_env, log_to_driver=True, _node_ip_address="127.0.0.1")
+    ray.init(address="local", runtime_env=runtime_env, log_to_driver=True, **loopback_only())
     return True
 
 

@@ -27,16 +27,21 @@ whose node is lost waits until the lost worker can be placed again (as a fixed-s
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
+import ray.train.torch
 import torch.distributed as dist
+from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 from shipyard.runtime import preemption
+from shipyard.runtime.ray_adapter import replica_groups
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +62,15 @@ class ShipyardTorchConfig(TorchConfig):
         return _ReplaceFailedRanks if self.replace_failed_ranks else _Backend
 
 
-class _Backend(_TorchBackend):
+class _Backend(Backend):
+    """Ray's torch backend less the process group: sets the torch variables and arms the preemption
+    handler. Built on Ray's public ``Backend``, since all else Ray's (private) torch backend does
+    is in the methods overridden here or, for V1 worker groups only, ``on_training_start``."""
+
+    share_cuda_visible_devices = True  # as Ray's torch backend: a node's workers see all its GPUs (NCCL)
+
     def on_start(self, worker_group, backend_config: ShipyardTorchConfig) -> None:
-        worker_group.execute(_set_torch_distributed_env_vars)
+        worker_group.execute(set_torch_env)
         if backend_config.preemption_grace_s is not None:
             worker_group.execute(preemption.install, backend_config.preemption_grace_s)
 
@@ -67,8 +78,29 @@ class _Backend(_TorchBackend):
         pass  # each rank's train loop drops its own process group (leave); the workers may be dead
 
 
+@replica_groups  # Ray Train: replace a failed worker alone (one worker per replica group)
 class _ReplaceFailedRanks(_Backend):
-    has_replica_groups = True  # Ray Train: replace a failed worker alone (one worker per replica group)
+    """The backend of jobs that replace failed ranks in place (see the module docstring)."""
+
+
+def set_torch_env() -> None:
+    """The variables ``torchrun`` sets (and Ray's torch backend: the same names and values), on a
+    training worker; Hugging Face Accelerate reads ``ACCELERATE_TORCH_DEVICE``."""
+    context = ray.train.get_context()
+    os.environ["LOCAL_RANK"] = str(context.get_local_rank())
+    os.environ["LOCAL_WORLD_SIZE"] = str(context.get_local_world_size())
+    os.environ["NODE_RANK"] = str(context.get_node_rank())
+    os.environ["RANK"] = str(context.get_world_rank())
+    os.environ["WORLD_SIZE"] = str(context.get_world_size())
+    os.environ["ACCELERATE_TORCH_DEVICE"] = str(ray.train.torch.get_device())
+
+
+def address_and_port() -> tuple[str, int]:
+    """This node's IP as Ray knows it (reachable from the other nodes) and a port free on it."""
+    address = ray.util.get_node_ip_address()
+    with closing(socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("", 0))
+        return address, s.getsockname()[1]
 
 
 def form(board, rank: int, world: int, backend: str, timeout_s: float) -> int | None:
@@ -76,11 +108,9 @@ def form(board, rank: int, world: int, backend: str, timeout_s: float) -> int | 
 
     Returns the generation's number, or None when no further attempt may start (max_failures
     spent: the caller returns and the driver reports why)."""
-    from ray.train._internal.utils import get_address_and_port
-
     since = last_log = time.monotonic()
     while True:
-        master = get_address_and_port() if rank == 0 else None
+        master = address_and_port() if rank == 0 else None
         number = ray.get(board.join.remote(rank, world, master))
         while (state := ray.get(board.formed.remote(number))) is None:
             if time.monotonic() - last_log > WAIT_LOG_S:

@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Iterator
 
+from shipyard.runtime.ray_adapter import TRAIN_WORKER_CLASS
 from shipyard.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 REPORT_S = 10.0
 MAX_BUFFERED_POINTS = 2000
 EXIT_PREEMPTED = 128 + signal.SIGTERM
-WORKER_CLASS = "RayTrainWorker"
 
 
 class RunOutcome(str, Enum):
@@ -271,7 +271,7 @@ def signal_workers(sig: int = signal.SIGTERM) -> int:
     job_id = ray.get_runtime_context().get_job_id()
     here = ray.get_runtime_context().get_node_id()
     actors = list_actors(filters=[("job_id", "=", job_id), ("state", "=", "ALIVE"),
-                                  ("class_name", "=", WORKER_CLASS)], detail=True, raise_on_missing_output=False)
+                                  ("class_name", "=", TRAIN_WORKER_CLASS)], detail=True, raise_on_missing_output=False)
     remote = []
     for a in actors:
         if a.node_id == here:

@@ -20,15 +20,9 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-try:  # a private module: if a Ray upgrade moves it, run with Ray's defaults (tests/unit/test_trainer.py fails)
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-except ImportError:  # pragma: no cover
-    PlacementGroupCleanerCallback = None
+from shipyard.runtime.ray_adapter import without_placement_group_cleaner
 
 
+@without_placement_group_cleaner
 class ShipyardTrainer(TorchTrainer):
-    def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        if PlacementGroupCleanerCallback is None:
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+    """Ray's TorchTrainer without its placement-group cleaner (see the module docstring)."""

@@ -1,0 +1,134 @@
+"""Every private name of Ray that shipyard uses, in one place: no other module imports one.
+
+Ray's public API does not reach everything shipyard's recovery and server need, so a few
+internals are used, each here and nowhere else, each with a tripwire in
+``tests/unit/test_ray_adapter.py`` that imports it without starting Ray and checks what shipyard
+relies on (a class with these methods, a function with this signature, an attribute set by this
+constructor). When Ray moves or changes one, its tripwire fails naming the symbol and what
+shipyard uses it for; fix this module, nothing else.
+
+What is used, and for what:
+
+- ``ray.train.backend.Backend.has_replica_groups`` (TorchFT's flag, read by Ray Train v2's worker
+  group and controller): :func:`replica_groups`, in-place recovery (``regroup.py``).
+- ``ray.train.v2._internal.execution.callback.ControllerCallback`` and ``WorkerGroupCallback``,
+  and what their hooks are handed (the ``WorkerGroup``, its ``WorkerGroupPollStatus``, the
+  ``ResizeDecision``): ``elastic.GrowWithCheckpoint`` checkpoints a running group before Ray
+  Train resizes it. ``WorkerGroup.execute`` also arms each worker (``regroup.py``).
+- ``ray.train.v2._internal.callbacks.placement_group_callback.PlacementGroupCleanerCallback`` and
+  ``TorchTrainer._create_default_callbacks``: :func:`without_placement_group_cleaner` (why:
+  ``runtime/trainer.py``).
+- ``UserExceptionWithTraceback._base_exc`` and ``WorkerHealthCheckFailedError.health_check_failure``
+  (``ray.train.v2._internal.exceptions``): :func:`unwrap_worker_error`, so an attempt's cause is
+  the worker's own exception (``attempts.py``).
+- ``RayTrainWorker``, the class of Ray Train v2's worker actors: :data:`TRAIN_WORKER_CLASS`, by
+  which the driver finds its job's training workers to signal them (``report.py``).
+- ``ray.init(_node_ip_address=...)``: :func:`loopback_only`, a private local cluster listens on
+  loopback only (``launcher.py``).
+- ``ray._raylet.GcsClient``, ``ray._private.ray_constants.DASHBOARD_ADDRESS`` and
+  ``KV_NAMESPACE_DASHBOARD``: :func:`dashboard_address`, the server finds a head's dashboard
+  from its GCS address (``backends/ray.py``).
+- ``ray._private.authentication.http_token_authentication.get_auth_headers_if_auth_enabled``:
+  :func:`auth_headers`, the server's own HTTP calls to a token-auth dashboard (``backends/ray.py``).
+
+**Recovery depends on Ray Train's replica-group mechanism.** Replacing a failed rank in place
+(``regroup.py``) works because a backend class with ``has_replica_groups = True`` makes Ray Train
+v2 treat every worker as its own replica group: its worker group restarts only the failed
+groups, and its controller then also leaves out its preemption watcher (replica groups, as
+TorchFT uses them, handle a lost peer themselves; shipyard's ranks do so through the board, and
+preemption notices through ``preemption.py``). The flag is declared on Ray's DeveloperAPI
+``Backend`` but exists for TorchFT; it is fenced here for that reason. Without it Ray Train
+would replace the whole group after any failure, as it does for elastic and Horovod jobs, and
+every rank would pay a new process again (``tests/bench/recovery.py``).
+
+**Why Ray is pinned to one minor** (``pyproject.toml``: ``ray>=2.60,<2.61``): Ray Train v2 moves
+and reshapes its ``_internal`` package between minors, and the tripwires are checked against
+2.60 only. Raising the pin means running ``tests/unit/test_ray_adapter.py`` (then the recovery
+tests: ``tests/integration/test_fault_tolerance.py``, ``test_resume_exact.py``,
+``test_elastic.py``) on the new version and fixing here whatever trips.
+
+Imports of Ray are lazy, inside the functions (and :func:`__getattr__` for the callback classes):
+the server imports this module (``backends/ray.py``) and must not import Ray Train or torch, and
+nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Ray Train v2 controller callback interfaces, imported on first use (see __getattr__).
+_INTERNAL_CLASSES = {
+    "ControllerCallback": "ray.train.v2._internal.execution.callback",
+    "WorkerGroupCallback": "ray.train.v2._internal.execution.callback",
+}
+
+# The class of Ray Train v2's training worker actors, as the State API lists them
+# (ray.train.v2._internal.execution.worker_group.worker.RayTrainWorker).
+TRAIN_WORKER_CLASS = "RayTrainWorker"
+
+
+def __getattr__(name: str):
+    module = _INTERNAL_CLASSES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def replica_groups(backend_cls: type) -> type:
+    """Class decorator: Ray Train runs ``backend_cls``'s workers as replica groups of one worker
+    each, so it replaces only a failed worker and leaves the others running (see the module
+    docstring). ``backend_cls`` is a ``ray.train.backend.Backend``."""
+    backend_cls.has_replica_groups = True
+    return backend_cls
+
+
+def without_placement_group_cleaner(trainer_cls: type) -> type:
+    """Class decorator: ``trainer_cls`` (a ``TorchTrainer``) without Ray Train's
+    ``PlacementGroupCleanerCallback`` among its default callbacks (why: ``runtime/trainer.py``).
+    If a Ray upgrade moves the callback, the trainer keeps Ray's defaults (and the tripwire fails)."""
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # pragma: no cover
+        return trainer_cls
+    ray_defaults = trainer_cls._create_default_callbacks
+
+    def _create_default_callbacks(self):
+        return [cb for cb in ray_defaults(self) if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    trainer_cls._create_default_callbacks = _create_default_callbacks
+    return trainer_cls
+
+
+def unwrap_worker_error(e: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray Train's wrappers: a user exception is wrapped to
+    carry its traceback (``_base_exc``), a failed health check wraps the actor error."""
+    for attr in ("_base_exc", "health_check_failure"):
+        inner = getattr(e, attr, None)
+        if isinstance(inner, BaseException):
+            return unwrap_worker_error(inner)
+    return e
+
+
+def loopback_only() -> dict:
+    """``ray.init`` options for a private local cluster that listens on loopback only."""
+    return {"_node_ip_address": "127.0.0.1"}
+
+
+def dashboard_address(gcs_address: str, timeout_s: float) -> str | None:
+    """``host:port`` of the dashboard of the Ray head whose GCS is at ``gcs_address``, as the head
+    recorded it in its key-value store; None when it runs none. Raises whatever Ray raises when
+    nothing answers there (after up to ``timeout_s``)."""
+    import ray._private.ray_constants as rc
+    from ray._raylet import GcsClient
+
+    value = GcsClient(address=gcs_address).internal_kv_get(rc.DASHBOARD_ADDRESS.encode(),
+                                                           namespace=rc.KV_NAMESPACE_DASHBOARD, timeout=timeout_s)
+    return value.decode() if value else None
+
+
+def auth_headers() -> dict[str, str]:
+    """The headers Ray's own clients send to a dashboard (the cluster token in token-auth mode;
+    none otherwise)."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    return get_auth_headers_if_auth_enabled({})

@@ -21,11 +21,9 @@ try:
     print(len(JobSubmissionClient(sys.argv[1]).list_jobs()))
 except Exception as e:
     print("refused:", type(e).__name__, str(e)[:200].replace(chr(10), " "))
-import ray._private.ray_constants as rc
-from ray._raylet import GcsClient
+from shipyard.runtime.ray_adapter import dashboard_address
 try:
-    GcsClient(address=sys.argv[2]).internal_kv_get(rc.DASHBOARD_ADDRESS.encode(), namespace=rc.KV_NAMESPACE_DASHBOARD,
-                                                   timeout=10)
+    dashboard_address(sys.argv[2], timeout_s=10)
     print("gcs answered")
 except Exception as e:
     print("refused:", type(e).__name__, str(e)[:200].replace(chr(10), " "))

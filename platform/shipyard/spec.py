@@ -364,7 +364,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             if not loc:  # a check across fields (JobSpec's model validators): msg names the field
                 lines.append(f"{source}: {msg}")
                 continue
-            lines.append(f"{source}: {path}: got {e['input']!r}; {msg[0].lower()}{msg[1:]}")
+            got = repr(e["input"])
+            got = got if len(got) <= 200 else got[:200] + f"... ({len(got)} characters)"
+            lines.append(f"{source}: {path}: got {got}; {msg[0].lower()}{msg[1:]}")
     return "\n".join(lines)
 
 

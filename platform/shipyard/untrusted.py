@@ -125,6 +125,8 @@ def check_tree(value: Any, source: str, max_nodes: int = MAX_NODES) -> None:
             for k, v in node.items():
                 if isinstance(k, str):
                     _check_string(k, source, f"{path}.{k[:40]}".lstrip("."), "a key")
+                elif not isinstance(k, (int, float, bool)) and k is not None:
+                    raise SpecError(f"{source}: {path or '(top level)'}: a key that is a YAML {type(k).__name__}")
                 stack.append((v, depth + 1, f"{path}.{k}".lstrip(".") if isinstance(k, str) else path))
         elif isinstance(node, list):
             stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(node))
@@ -132,6 +134,10 @@ def check_tree(value: Any, source: str, max_nodes: int = MAX_NODES) -> None:
             _check_string(node, source, path, "the value")
         elif isinstance(node, float) and (node != node or node in (float("inf"), float("-inf"))):
             raise SpecError(f"{source}: {path or '(top level)'}: got {node}; numbers must be finite")
+        elif not isinstance(node, (int, float, bool)) and node is not None:
+            # YAML's !!binary, !!set, !!timestamp, !!omap...: nothing JSON could have said
+            raise SpecError(f"{source}: {path or '(top level)'}: a YAML {type(node).__name__}; only mappings, "
+                            "lists, strings, numbers, booleans and null are accepted")
 
 
 def _check_string(s: str, source: str, path: str, what: str) -> None:

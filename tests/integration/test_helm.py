@@ -193,12 +193,26 @@ def test_a_missing_required_value_fails_template(helm, settings, message):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (["replicaCount=2"], "replicaCount > 1 needs database.existingSecret"),
     (["kuberay.gpuPool=h100"], 'kuberay.gpuPool: "h100" is not a key of kuberay.pools'),
 ])
 def test_inconsistent_values_fail(helm, settings, message):
     proc = run(helm, "template", "shipyard", str(CHART), *[a for s in settings for a in ("--set", s)])
     assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_replicas_without_postgresql_fail_the_schema(helm):
+    """Replicas elect their one scheduler with a PostgreSQL advisory lock (and SQLite is one file
+    on one volume), so the schema itself refuses replicaCount > 1 without a database: lint and
+    template both fail, naming the missing value (and the template's own check still does when
+    the schema is skipped); with the database it renders 2 replicas."""
+    for cmd in (["template", "shipyard", str(CHART)], ["lint", "--strict", str(CHART)]):
+        proc = run(helm, *cmd, "--set", "replicaCount=2")
+        assert proc.returncode != 0, f"{cmd[0]} accepted 2 replicas on SQLite"
+        assert "at '/database/existingSecret': minLength" in proc.stdout + proc.stderr
+    proc = run(helm, "template", "shipyard", str(CHART), "--set", "replicaCount=2", "--skip-schema-validation")
+    assert proc.returncode != 0 and "replicaCount > 1 needs database.existingSecret" in proc.stderr
+    docs = render(helm, "--set", "replicaCount=2", "--set", "database.existingSecret=shipyard-db")
+    assert by_kind(docs)["Deployment"]["spec"]["replicas"] == 2
 
 
 def leaf_paths(node: dict, prefix: str = "") -> list[str]:

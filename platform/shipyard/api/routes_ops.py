@@ -19,7 +19,8 @@ router = APIRouter(tags=["ops"])
 @router.get("/healthz")
 def healthz(request: Request) -> JSONResponse:
     """200 when the store answers; says whether the backend does (a Ray head restarting is not
-    a reason to restart the server)."""
+    a reason to restart the server), and whether this replica runs the scheduler (``leader``) or
+    serves the API while another one does (``standby``)."""
     checks: dict[str, str] = {}
     try:
         request.app.state.store.count_jobs()
@@ -34,7 +35,11 @@ def healthz(request: Request) -> JSONResponse:
         except Exception as e:  # noqa: BLE001
             checks["backend"] = f"error: {e}"
     ok = checks["store"] == "ok"
-    return JSONResponse({"status": "ok" if ok else "error", "checks": checks}, status_code=200 if ok else 503)
+    body = {"status": "ok" if ok else "error", "checks": checks}
+    loop = request.app.state.loop
+    if loop is not None:
+        body["scheduler"] = "leader" if loop.leadership.held else "standby"
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")

@@ -1,10 +1,19 @@
 """``shipyard server``: the API (uvicorn) and the scheduler loop in one process.
 
 Startup: open (and migrate) the store, make sure an admin token exists, load the report key,
-connect the backend (starting a local Ray head if no address is given), then serve. The loop
-runs in a thread; its first act is :meth:`SchedulerLoop.reconcile`, so a server restarted after
-``kill -9`` re-attaches to the runs it left. SIGTERM/SIGINT stop uvicorn gracefully (in-flight
-requests finish), then the loop, then a Ray head this process started.
+connect the backend (starting a local Ray head if no address is given, or rejoining the one an
+earlier server started), then serve. The loop runs in a thread and schedules only while this
+process holds the store's scheduler lock (:mod:`shipyard.scheduler.leader`): replicas on one
+PostgreSQL serve the API, one schedules. Its first act as holder is :meth:`SchedulerLoop.reconcile`,
+so a server restarted after ``kill -9`` re-attaches to the runs it left.
+
+Shutdown (SIGTERM/SIGINT), within a few seconds: the loop is told to stop at once; uvicorn stops
+accepting, followed-log streams are ended with a last line (they would otherwise hold the
+graceful shutdown until its timeout), in-flight requests get :data:`GRACE_S` to finish; then the
+loop's thread is joined, the scheduler lock given up (a standby takes over) and the store
+closed. The local Ray head keeps running, and the jobs on it with it: the next server rejoins it
+(``<data dir>/ray-head.json``). It stops only with ``shipyard server stop-head`` or when the
+server runs with ``--stop-head-on-exit``; a cluster given by ``--ray-address`` is never touched.
 
 Admin token: ``SHIPYARD_ADMIN_TOKEN`` if set (registered for tenant ``default``); otherwise, the
 first time a store has no admin token, one is created, printed once and written to
@@ -13,12 +22,14 @@ first time a store has no admin token, one is created, printed once and written 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +37,8 @@ from shipyard.errors import UserError
 
 log = logging.getLogger("shipyard.server")
 DEFAULT_TENANT = "default"
+GRACE_S = 5.0  # in-flight requests get this long to finish after SIGTERM
+LOOP_JOIN_S = 2.0  # a scheduler tick still in a backend call after this is abandoned (restart-safe)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class ServerOptions:
     shared_roots: tuple[str, ...] = ()  # read-only for every tenant (a common datasets bucket)
     allow_local_storage: bool = False  # local paths as storage roots (one machine, trusted users)
     shared_ray_trust: bool = False  # several tenants may share one Ray cluster (one trust domain)
+    stop_head_on_exit: bool = False  # stop the local Ray head (and its jobs) when the server exits
 
 
 def private_data_dir(data_dir: Path) -> None:
@@ -126,7 +140,7 @@ def tenant_env(data_dir: Path, tenant: str) -> dict[str, str]:
 
 def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Path, store=None, policy=None,
                  packages=None):
-    """The backend and, for a local Ray head this server started, that head (else None).
+    """The backend and, when it runs on a local Ray head (no ``--ray-address``), that head (else None).
 
     What a job's environment holds is an allowlist (:func:`job_env`): its report URL and the
     token bound to this job and run, its tenant's storage roots (the driver checks the spec
@@ -173,7 +187,64 @@ def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Pat
     from shipyard.backends.ray import RayBackend, wait_for_head
 
     wait_for_head(address)
-    return RayBackend(address, job_env=job_env, forward_env=False, packages=packages), (head if head is not None and head.started else None)
+    return RayBackend(address, job_env=job_env, forward_env=False, packages=packages), head
+
+
+class EndStreamsOnShutdown:
+    """ASGI wrapper that ends streamed responses (those sent without a length: followed logs)
+    when the server shuts down. Such a stream ends only when its run does, so uvicorn's graceful
+    shutdown would wait for it until its timeout and then cancel it mid-body; here each one is
+    cancelled at once (the same path as a client leaving: its log iterator closes) and its body
+    ended cleanly with :data:`NOTE`, so the client sees why and can follow again."""
+
+    NOTE = b"\n[shipyard: the server is shutting down; this log stream ends here]\n"
+
+    def __init__(self, app):
+        self.app = app
+        self.closing = False
+        self._streams: set[asyncio.Task] = set()
+        self._ending: set[asyncio.Task] = set()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        task = asyncio.current_task()
+        started = done = False
+
+        async def send_(message):
+            nonlocal started, done
+            if message["type"] == "http.response.start":
+                if not any(k.lower() == b"content-length" for k, _ in message.get("headers", ())):
+                    self._streams.add(task)
+                    if self.closing:
+                        self._end(task)  # a stream that started after the shutdown began
+                await send(message)
+                started = True
+                return
+            await send(message)
+            done = done or (message["type"] == "http.response.body" and not message.get("more_body"))
+
+        try:
+            await self.app(scope, receive, send_)
+        except asyncio.CancelledError:
+            if task not in self._ending:
+                raise
+            task.uncancel()
+            if started and not done:
+                await send({"type": "http.response.body", "body": self.NOTE, "more_body": False})
+        finally:
+            self._streams.discard(task)
+            self._ending.discard(task)
+
+    def _end(self, task: asyncio.Task) -> None:
+        self._ending.add(task)
+        task.cancel()
+
+    def end_all(self) -> None:
+        """Called on the event loop when the shutdown begins."""
+        self.closing = True
+        for task in list(self._streams):
+            self._end(task)
 
 
 def _server_class():
@@ -181,8 +252,24 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down, which would kill
-        the process before the scheduler loop, the Ray head and the store are closed; here the
-        signal only starts the graceful shutdown, and ``serve`` returns normally (exit 0)."""
+        the process before the scheduler loop and the store are closed; here the signal only
+        starts the graceful shutdown, and ``serve`` returns normally (exit 0). When the shutdown
+        begins (on the event loop, within 0.1 s of the signal; not in the signal handler, which
+        could interrupt the very lock ``on_shutdown`` takes) ``streams`` are ended and
+        ``on_shutdown`` run (stop the scheduler loop at once, in parallel with the draining)."""
+
+        def __init__(self, config, streams: EndStreamsOnShutdown | None = None, on_shutdown=()):
+            super().__init__(config)
+            self.streams, self.on_shutdown = streams, tuple(on_shutdown)
+
+        async def shutdown(self, sockets=None):
+            log.info("shutting down: no new connections, streams ended, in-flight requests get %.0fs",
+                     self.config.timeout_graceful_shutdown)
+            for f in self.on_shutdown:
+                f()
+            if self.streams is not None:
+                self.streams.end_all()
+            await super().shutdown(sockets)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -203,6 +290,7 @@ def serve(opts: ServerOptions, say=print) -> None:
 
     from shipyard.api.app import ApiConfig, create_app
     from shipyard.packages import MiB, PackageLimits, PackageStore
+    from shipyard.scheduler import leader
     from shipyard.scheduler.loop import SchedulerLoop
     from shipyard.store import Store
 
@@ -219,23 +307,39 @@ def serve(opts: ServerOptions, say=print) -> None:
     public_url = (opts.public_url or os.environ.get("SHIPYARD_PUBLIC_URL") or f"http://{host}:{opts.port}").rstrip("/")
     packages = PackageStore.open(opts.package_store, data_dir, PackageLimits(max_bytes=int(opts.max_package_mb * MiB)))
     backend, head = make_backend(opts, key, public_url, data_dir, store, policy, packages=packages)
-    loop = SchedulerLoop(store, backend, interval_s=opts.interval_s)
-    app = create_app(store, backend, loop, packages=packages, config=ApiConfig(auth=opts.auth, report_key=key, storage=policy))
+    lock = leader.for_store(store.engine.url, data_dir)
+    loop = SchedulerLoop(store, backend, interval_s=opts.interval_s, leadership=lock)
+    from shipyard.api.log_archive import LogArchive
+
+    app = create_app(store, backend, loop, packages=packages, logs=LogArchive(data_dir / "logs"),
+                     config=ApiConfig(auth=opts.auth, report_key=key, storage=policy))
     loop.on_tick = app.state.metrics.on_tick
     stop = threading.Event()
     thread = threading.Thread(target=loop.run, args=(stop,), name="shipyard-scheduler", daemon=True)
     thread.start()
     say(f"shipyard server on http://{opts.host}:{opts.port} (store {store.url}, backend {backend.name}"
         f"{' at ' + backend.address if hasattr(backend, 'address') else ''}, auth {'on' if opts.auth else 'OFF'})")
+    streams = EndStreamsOnShutdown(app)
+    server = _Server(uvicorn.Config(streams, host=opts.host, port=opts.port, log_level="warning",
+                                    timeout_graceful_shutdown=GRACE_S), streams=streams,
+                     on_shutdown=(stop.set, loop.wake))
     try:
-        # uvicorn installs SIGTERM/SIGINT handlers: it stops accepting, finishes requests, returns.
-        _Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
-                               timeout_graceful_shutdown=10)).run()
+        server.run()
     finally:
+        t0 = time.monotonic()
+        log.info("API stopped")
         stop.set()
         loop.wake()
-        thread.join(10)  # a tick in a slow backend call is abandoned: the loop is a daemon
-        if head is not None:
-            say("stopping the local Ray head")
-            head.stop()
+        thread.join(LOOP_JOIN_S)  # a tick still in a slow backend call is abandoned: the loop is a daemon
+        lock.release()
         store.close()
+        log.info("stopped: scheduler and store closed %.1fs after the API%s", time.monotonic() - t0,
+                 "" if not thread.is_alive() else " (a scheduler tick was abandoned)")
+        if head is not None and opts.stop_head_on_exit:
+            from shipyard.backends.ray_head import stop_head
+
+            say("stopping the local Ray head and its jobs (--stop-head-on-exit)")
+            stop_head(data_dir)
+        elif head is not None:
+            say(f"the local Ray head at {head.address} keeps running with its jobs; the next server rejoins it "
+                "(stop it with `shipyard server stop-head`)")

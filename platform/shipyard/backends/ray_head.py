@@ -2,9 +2,11 @@
 
 It runs ``ray start --head --block`` in a session of its own and records its pid and address in
 ``<data dir>/ray-head.json``. A server that restarts (even after ``kill -9``) finds the head still
-running and joins it again, so the jobs on it keep running and are re-attached. The server stops
-the head only on a graceful shutdown, by signalling that process group (never ``ray stop``,
-which would stop every Ray cluster on the machine).
+running and joins it again, so the jobs on it keep running and are re-attached. A server that
+exits (SIGTERM included) leaves the head running; it is stopped by ``shipyard server stop-head``
+(:func:`stop_head`) or by a server run with ``--stop-head-on-exit``, by signalling that process
+group (never ``ray stop``, which would stop every Ray cluster on the machine). Stopping it stops
+every job on it without a preemption checkpoint.
 
 Trust: a Ray cluster runs whatever its Jobs API or GCS is asked to, so the head is started with
 token authentication always on (``RAY_AUTH_MODE=token``; the token is generated at first start
@@ -56,7 +58,10 @@ class LocalHead:
     started: bool  # by this server process (else: found running from an earlier one)
     client_port: int | None = None  # its Ray Client server (ray://127.0.0.1:<port>)
 
-    def stop(self, timeout_s: float = 30) -> None:
+    def stop(self, timeout_s: float = 8) -> None:
+        """SIGTERM to the head's process group (its jobs' drivers take it as a preemption notice),
+        then SIGKILL for what is left after ``timeout_s``: ``ray start --block`` itself takes about
+        30 s to exit on SIGTERM (its raylet drains), longer than a pod's grace period."""
         try:
             os.killpg(self.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -94,15 +99,45 @@ def _listening(address: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
+RECORD = "ray-head.json"
+
+
+def running_head(data_dir: Path) -> LocalHead | None:
+    """The head recorded in the data dir, if its process is alive and its GCS port answers."""
+    try:
+        info = json.loads((data_dir / RECORD).read_text())
+        if _alive(info["pid"]) and _listening(info["address"]):
+            return LocalHead(info["pid"], info["address"], started=False, client_port=info.get("client_port"))
+    except (ValueError, KeyError, TypeError, OSError):
+        pass
+    return None
+
+
+def _is_ray_head(pid: int) -> bool:
+    """Whether ``pid`` is still a ``ray start --head`` (a recorded pid may have been reused)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (macOS): the alive + listening check must do
+    return b"start" in argv and b"--head" in argv
+
+
+def stop_head(data_dir: Path, timeout_s: float = 8) -> LocalHead | None:
+    """Stop the head recorded in the data dir and forget it; None when none is running."""
+    head = running_head(data_dir)
+    if head is not None and _is_ray_head(head.pid):
+        head.stop(timeout_s)
+    else:
+        head = None
+    (data_dir / RECORD).unlink(missing_ok=True)
+    return head
+
+
 def ensure_head(data_dir: Path, num_cpus: float | None = None, timeout_s: float = 90) -> LocalHead:
-    record = data_dir / "ray-head.json"
-    if record.exists():
-        try:
-            info = json.loads(record.read_text())
-            if _alive(info["pid"]) and _listening(info["address"]):
-                return LocalHead(info["pid"], info["address"], started=False, client_port=info.get("client_port"))
-        except (ValueError, KeyError, OSError):
-            pass
+    record = data_dir / RECORD
+    head = running_head(data_dir)
+    if head is not None:
+        return head
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"
     port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
     # The agent's port is chosen too: Ray's default (52365) is taken by any other head on the

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from shipyard.backends.base import Backend, BackendError, State
 from shipyard.runtime.report import RunOutcome
 from shipyard.scheduler.decide import Decisions, Policy, decide
+from shipyard.scheduler.leader import RETRY_S as LEADER_RETRY_S, Leadership, Sole
 from shipyard.scheduler.snapshot import JobRequest, Node, Quota, Resources, RunningJob, Snapshot
 from shipyard.store import Attempt, Job, JobState, Store
 from shipyard.store.states import IllegalTransition
@@ -102,8 +103,10 @@ def request_of(job: Job) -> JobRequest:
 
 class SchedulerLoop:
     def __init__(self, store: Store, backend: Backend, *, interval_s: float = 2.0, policy: Policy = Policy(),
-                 max_requeues: int = 3, on_tick: Callable[[float, Decisions | None], None] = lambda s, d: None):
+                 max_requeues: int = 3, on_tick: Callable[[float, Decisions | None], None] = lambda s, d: None,
+                 leadership: Leadership | None = None):
         self.store, self.backend = store, backend
+        self.leadership: Leadership = leadership if leadership is not None else Sole()
         self.interval_s, self.policy, self.max_requeues = interval_s, policy, max_requeues
         self.on_tick = on_tick
         self.reasons: dict[str, str] = {}  # waiting jobs -> why (shown by the API)
@@ -114,20 +117,32 @@ class SchedulerLoop:
     # -- running -----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Reconcile once, then tick until ``stop`` is set. A failing tick is logged and retried."""
-        reconciled = False
+        """Tick until ``stop`` is set, while this process holds the scheduler lock
+        (:mod:`shipyard.scheduler.leader`); a standby retries the lock every ``leader.RETRY_S``.
+        Each time the lock is taken the loop reconciles first: the store may have moved on while
+        another process scheduled. A failing tick is logged and retried."""
+        reconciled, standing_by = False, False
         while not stop.is_set():
             t0 = time.monotonic()
-            decisions = None
+            decisions, leading = None, False
             try:
-                if not reconciled:
+                leading = self.leadership.try_acquire()
+                if not leading and not standing_by:
+                    log.warning("scheduler lock (%s) held elsewhere: this server serves the API and stands by "
+                                "to take over scheduling", self.leadership.describe())
+                    reconciled, standing_by = False, True
+                if leading and not reconciled:
+                    log.info("scheduler lock taken (%s): this server schedules", self.leadership.describe())
+                    standing_by = False
                     self.reconcile()
                     reconciled = True
-                decisions = self.tick()
+                if leading:
+                    decisions = self.tick()
             except Exception:  # noqa: BLE001 - a database or backend hiccup must not end the loop
                 log.exception("scheduler tick failed; retrying in %.0fs", self.interval_s)
-            self.on_tick(time.monotonic() - t0, decisions)
-            self._wake.wait(self.interval_s)
+            if leading:
+                self.on_tick(time.monotonic() - t0, decisions)
+            self._wake.wait(self.interval_s if leading else LEADER_RETRY_S)
             self._wake.clear()
 
     def wake(self) -> None:
@@ -208,7 +223,7 @@ class SchedulerLoop:
         if now - last < SUBMIT_RETRY_S:
             return
         try:
-            handle = self.backend.submit(job.id, JobSpec.model_validate(job.spec), job.tenant)
+            handle = self.backend.submit(job.id, JobSpec.model_validate(job.spec), job.tenant, run=job.runs + 1)
         except BackendError as e:
             self._submit_failures[job.id] = (first, time.monotonic())
             log.warning("submit %s failed (retrying for %.0fs more): %s", job.id,
@@ -218,7 +233,7 @@ class SchedulerLoop:
                 self._finish(job, S.FAILED, "submit_failed", str(e))
             return
         self._submit_failures.pop(job.id, None)
-        self.store.update_job(job.id, backend_handle=handle)
+        self.store.update_job(job.id, backend_handle=handle, runs=job.runs + 1)
         self.store.add_event(job.id, "backend", f"submitted to {self.backend.name} as {handle}")
 
     def _cancel(self, handle: str) -> None:
@@ -292,7 +307,7 @@ class SchedulerLoop:
 
     def _lost(self, job: Job, message: str) -> None:
         self.store.close_run(job.id, job.backend_handle, kind="failed", cause="lost")
-        requeues = sum(1 for e in self.store.events(job.id, kind="state") if e.message.startswith("PREEMPTED -> QUEUED"))
+        requeues = job.requeues
         if requeues >= self.max_requeues:
             self._finish(job, S.FAILED, "lost", f"{message}; requeued {requeues} times already")
             return
@@ -301,8 +316,9 @@ class SchedulerLoop:
             self._requeue(job, "lost")
 
     def _requeue(self, job: Job, why: str) -> None:
-        self._move(job, S.PREEMPTED, S.QUEUED, cause=why,
-                   message="requeued; it resumes from its latest checkpoint" if job.spec.get("checkpoint") else "requeued")
+        if self._move(job, S.PREEMPTED, S.QUEUED, cause=why, message="requeued; it resumes from its latest "
+                      "checkpoint" if job.spec.get("checkpoint") else "requeued") is not None:
+            self.store.update_job(job.id, requeues=job.requeues + 1)
 
     def _finish(self, job: Job, target: JobState, cause: str | None, message: str | None) -> None:
         state = job.state

@@ -94,6 +94,7 @@ class Job(Base):
     total_steps: Mapped[int | None] = mapped_column(BigInteger)
     idempotency_key: Mapped[str | None] = mapped_column(String(128))  # migration 0003
     runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # migration 0005: submissions so far
+    requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # migration 0005
     # Migration 0005: how the driver of run ``outcome_run`` said it ended (runtime.report.RunOutcome).
     outcome: Mapped[str | None] = mapped_column(String(16))
     outcome_run: Mapped[str | None] = mapped_column(String(200))

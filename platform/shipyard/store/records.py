@@ -70,13 +70,14 @@ class Job:
     checkpoint: str | None = None
     total_steps: int | None = None
     runs: int = 0  # backend submissions so far; the next run is number runs + 1
+    requeues: int = 0  # PREEMPTED -> QUEUED moves so far (preempted or lost runs)
 
     @classmethod
     def of(cls, row: models.Job) -> "Job":
         return cls(row.id, row.tenant, row.name, row.spec, row.priority, JobState(row.state),
                    row.submitted_at, row.started_at, row.ended_at, row.updated_at, row.backend_handle,
                    row.cause, row.message, row.last_step, row.progress, row.seq, row.checkpoint, row.total_steps,
-                   row.runs or 0)
+                   row.runs or 0, row.requeues or 0)
 
 
 @dataclass(frozen=True)

@@ -201,12 +201,15 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
             return Job.of(row)
 
     def update_job(self, job_id: str, *, last_step: int | None = None, progress: float | None = None,
-                   backend_handle: str | None = _UNSET, runs: int | None = None, now: datetime | None = None) -> None:
+                   backend_handle: str | None = _UNSET, runs: int | None = None, requeues: int | None = None,
+                   now: datetime | None = None) -> None:
         """Record progress (last committed step, fraction done), the backend's handle, or the
-        number of runs the job has had."""
+        number of runs and requeues the job has had."""
         values: dict[str, Any] = {"updated_at": now or utcnow()}
         if runs is not None:
             values["runs"] = runs
+        if requeues is not None:
+            values["requeues"] = requeues
         if last_step is not None:
             values["last_step"] = last_step
         if progress is not None:

@@ -129,6 +129,14 @@ def steps_run(out: Path, rank: int = 0) -> list[int]:
     return [json.loads(line)["step"] for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
 
 
+def wait_for_steps(out: Path, n: int, timeout: float = 120, also=lambda: True) -> None:
+    """Until rank 0 of the job writing to ``out`` has run ``n`` steps (and ``also()`` holds)."""
+    deadline = time.monotonic() + timeout
+    while not (out / "rank0.jsonl").exists() or len(steps_run(out)) < n or not also():
+        assert time.monotonic() < deadline, f"training did not reach step {n} in {timeout:.0f} s"
+        time.sleep(0.3)
+
+
 def test_two_jobs_submitted_with_the_cli_both_succeed_with_attempts_and_metrics(server, digits, tmp_path):
     from shipyard.client import Client
 
@@ -198,10 +206,7 @@ def test_cancelling_a_running_job_makes_its_workers_checkpoint_before_the_run_st
     job_id = submit(server, digits, out, "--set", "dataset.epochs=40", "--set", "checkpoint.every_steps=1000")
     client = Client(server.url, server.token)
     wait(client, job_id, ("RUNNING",), timeout=120)
-    deadline = time.monotonic() + 120
-    while not (out / "rank0.jsonl").exists() or len(steps_run(out)) < 5:
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.3)
+    wait_for_steps(out, 5)
     assert client.cancel(job_id)["state"] == "CANCELLED"
     deadline = time.monotonic() + 90
     while "checkpoint committed" not in (text := client.logs(job_id)) or "exiting" not in text:
@@ -235,10 +240,7 @@ def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_che
     # every_steps=1000 is never reached: the only checkpoints are the preemption's and the final one.
     low = submit(server, digits, low_out, "--set", "dataset.epochs=20", "--set", "workers.cpus=2",
                  "--set", "checkpoint.every_steps=1000", "--set", "name=low", "--set", "config.step_sleep_s=0.02")
-    deadline = time.monotonic() + 180
-    while not (low_out / "rank0.jsonl").exists() or len(steps_run(low_out)) < 5 or not client.get(low)["attempts"]:
-        assert time.monotonic() < deadline, json.dumps(client.get(low))[:3000]
-        time.sleep(0.2)
+    wait_for_steps(low_out, 5, timeout=180, also=lambda: bool(client.get(low)["attempts"]))
     high = submit(server, digits, high_out, "--set", "priority=10", "--set", "name=high")
     asked_at = len(steps_run(low_out))
 

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from test_server import EXE, Server, digits, steps_run, submit, wait  # noqa: F401 - digits is a fixture
+from test_server import EXE, Server, digits, steps_run, submit, wait, wait_for_steps  # noqa: F401 - digits is a fixture
 
 pytestmark = pytest.mark.integration
 NOTE = "[shipyard: the server is shutting down; this log stream ends here]"
@@ -31,10 +31,7 @@ def test_sigterm_exits_within_seconds_and_the_running_job_finishes_once_after_th
     job_id = submit(server, digits, out, "--set", "dataset.epochs=3", "--set", "config.step_sleep_s=0.2")
     client = Client(server.url, server.token)
     wait(client, job_id, ("RUNNING",), timeout=120)
-    deadline = time.monotonic() + 120
-    while not (out / "rank0.jsonl").exists() or len(steps_run(out)) < 3:
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.3)
+    wait_for_steps(out, 3)
 
     followed: list[str] = []
 

@@ -166,15 +166,15 @@ class Dataset(_Model):
     eval_uri: str | None = Field(None, max_length=_URI, description="optional held-out dataset for ctx.eval_batches()")
     format: Literal["auto", "arrow", "parquet"] = Field("auto", description="shard format; auto: as the manifest says")
     batch_size: int = Field(32, ge=1, le=1 << 20, description="rows per batch on each rank")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="shuffle the shard order and the rows in each shard, anew each epoch; false reads in file order")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="shuffle seed; the order is a pure function of (seed, epoch, world)")
-    epochs: int = Field(1, ge=1, le=1_000_000)
+    epochs: int = Field(1, ge=1, le=1_000_000, description="passes over the dataset; the job's total steps are its batches per epoch times this")
 
 
 class Checkpoint(_Model):
     uri: str = Field(max_length=_URI, description="where checkpoints go: s3://bucket/prefix, file://, or a path")
-    every_steps: int | None = Field(None, ge=1, le=10**9)
-    every_seconds: float | None = Field(None, ge=1, le=7 * _DAY)
+    every_steps: int | None = Field(None, ge=1, le=10**9, description="checkpoint every this many steps; 100 when neither this nor every_seconds is set")
+    every_seconds: float | None = Field(None, ge=1, le=7 * _DAY, description="checkpoint at a step boundary once this many seconds have passed since the last one")
     keep_last: int | None = Field(3, ge=1, le=10_000, description="committed checkpoints to keep; null keeps all")
     async_upload: bool = Field(True, description="upload in the background; training waits only for a copy to CPU memory")
     preemption_grace_s: float = Field(30.0, gt=0, le=3600, description="after SIGTERM to a worker, seconds to commit a checkpoint before exiting")
@@ -210,13 +210,13 @@ class JobSpec(_Model):
     workdir: str = Field(".", description="directory shipped to the workers; relative to the spec file")
     package: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$",
                                 description="the uploaded code package (set by `shipyard submit`, which packs workdir)")
-    workers: Workers = Workers()
-    strategy: Strategy = Field(DDPStrategy(), discriminator="kind")
+    workers: Workers = Field(Workers(), description="how many training processes (ranks) and what each one reserves")
+    strategy: Strategy = Field(DDPStrategy(), discriminator="kind", description="how the model is split across the workers")
     image: str | None = Field(None, max_length=512, description="worker container image on Kubernetes (default: the server's)")
     priority: int = Field(0, ge=-1000, le=1000, description="queue priority; higher runs first and may preempt lower")
-    dataset: Dataset
-    checkpoint: Checkpoint | None = None
-    metrics: Metrics = Metrics()
+    dataset: Dataset = Field(description="the shards the job trains on (and evaluates on)")
+    checkpoint: Checkpoint | None = Field(None, description="where and how often to checkpoint; null: no checkpoints, so a restart begins at step 0")
+    metrics: Metrics = Field(Metrics(), description="what the platform records besides ctx.report")
     max_failures: int = Field(0, ge=-1, le=10_000, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
     restart_in_place: bool = Field(True, description="after a lost rank, start a new process for it alone; the other ranks rejoin in their own processes and run train(ctx) again from the last checkpoint (false: restart every rank; elastic and horovod jobs always do)")
     stall_timeout_s: float | None = Field(600.0, ge=1, le=7 * _DAY, description="a rank that finishes no step for this long fails the attempt (it restarts from the last checkpoint); null turns detection off")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from shipyard.api import dashboard, errors, routes_jobs, routes_ops, routes_packages, routes_report
+from shipyard.api import dashboard, errors, routes_admin, routes_jobs, routes_ops, routes_packages, routes_report
 from shipyard.api.intake import StoragePolicy
 from shipyard.api.metrics import ServerMetrics
 
@@ -129,6 +129,7 @@ def create_app(store, backend=None, loop=None, config: ApiConfig = ApiConfig(), 
     app.include_router(routes_jobs.router, prefix="/v1")
     app.include_router(routes_report.router, prefix="/v1")
     app.include_router(routes_packages.router, prefix="/v1")
+    app.include_router(routes_admin.router, prefix="/v1")
     app.include_router(routes_ops.router)
     dashboard.install(app)
     routes_jobs._register_spec_schema(app)

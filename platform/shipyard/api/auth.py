@@ -16,8 +16,10 @@ admin of the ``default`` tenant.
 
 A valid token's record is reused for up to :data:`TOKEN_CACHE_S` seconds (the store's cache,
 see :mod:`shipyard.store.tenancy`): a submit then costs no database read for its caller and no
-hop to a worker thread. A token revoked through this server stops working at once; one revoked
-by ``shipyard admin`` from another process stops within :data:`TOKEN_CACHE_S`.
+hop to a worker thread. A token revoked through this server (``POST /v1/admin/tokens/ID/revoke``)
+stops working at once here; one revoked through another replica, or by ``shipyard admin
+revoke-token`` (which writes the database directly), stops within :data:`TOKEN_CACHE_S`. An
+expired token stops at its ``expires_at`` everywhere: the cache checks it on every hit.
 """
 
 from __future__ import annotations
@@ -67,8 +69,17 @@ async def principal(request: Request) -> Principal:
     if record is None:
         record = await run_in_threadpool(store.authenticate, secret, max_age_s=TOKEN_CACHE_S)
     if record is None:
-        raise ApiError(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "invalid or revoked token, or an expired one: ask an admin for a new "
+                            "one (shipyard admin create-token)", headers={"WWW-Authenticate": "Bearer"})
     return Principal(record.tenant, record.admin)
+
+
+async def admin(request: Request) -> Principal:
+    """FastAPI dependency: an admin caller, or 401 (no valid token) / 403 (a tenant's token)."""
+    who = await principal(request)
+    if not who.admin:
+        raise ApiError(403, "this route needs an admin token (shipyard admin create-token --role admin)")
+    return who
 
 
 def report_token(key: bytes, job_id: str, run: str) -> str:

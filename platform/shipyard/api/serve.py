@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shipyard.errors import UserError
+from shipyard.store.tenancy import token_state
 
 log = logging.getLogger("shipyard.server")
 DEFAULT_TENANT = "default"
@@ -91,7 +92,7 @@ def bootstrap_admin(store, data_dir: Path, say=print) -> None:
     if env_token:
         store.register_token(env_token, DEFAULT_TENANT, admin=True, label="SHIPYARD_ADMIN_TOKEN")
         return
-    if any(t.admin and t.revoked_at is None for t in store.list_tokens()):
+    if any(t.admin and token_state(t) == "active" for t in store.list_tokens()):  # an expired one is none
         return
     secret, _ = store.create_token(DEFAULT_TENANT, admin=True, label="first start")
     path = data_dir / "admin-token"

@@ -70,6 +70,7 @@ class Token(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # migration 0006; None: never expires
 
 
 class Job(Base):

@@ -16,8 +16,12 @@ from rich.table import Table
 
 from shipyard.errors import UserError
 
+CONFIG_FILE = "~/.shipyard/config.yaml"  # client.client_config: $SHIPYARD_HOME/config.yaml, SHIPYARD_HOME=~/.shipyard
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="shipyard: run distributed training jobs described in YAML.")
+                  help="shipyard: run distributed training jobs described in YAML. Commands that talk to a "
+                       "server read SHIPYARD_URL and SHIPYARD_TOKEN, else the config file "
+                       f"{CONFIG_FILE} (keys url: and token:; $SHIPYARD_HOME/config.yaml when SHIPYARD_HOME "
+                       "is set).")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: write Arrow shards.")
 ckpt_app = typer.Typer(no_args_is_help=True, help="Checkpoints: list what a job saved, export one.")
 admin_app = typer.Typer(no_args_is_help=True, help="Tenants and tokens of a server's store (run where the server's data is).")
@@ -132,9 +136,10 @@ def checkpoints_export(
 # -- the job service ---------------------------------------------------------------------------
 
 UrlOpt = Annotated[str | None, typer.Option("--url", envvar=["SHIPYARD_URL", "SHIPYARD_SERVER"], show_envvar=False,
-                                            help="server URL (default: SHIPYARD_URL, config file, http://127.0.0.1:8321)")]
+                                            help=f"server URL (default: SHIPYARD_URL, else url: in {CONFIG_FILE}, else "
+                                                 "http://127.0.0.1:8321)")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", show_envvar=False,
-                                              help="bearer token (default: SHIPYARD_TOKEN or the config file)")]
+                                              help=f"bearer token (default: SHIPYARD_TOKEN, else token: in {CONFIG_FILE})")]
 DataDirOpt = Annotated[str, typer.Option("--data-dir", envvar="SHIPYARD_DATA_DIR",
                                          help="server state: SQLite store, admin token, report key, local Ray head")]
 DbOpt = Annotated[str | None, typer.Option("--database-url", envvar="SHIPYARD_DATABASE_URL",
@@ -296,24 +301,28 @@ def status(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = 
 
         console.print_json(json.dumps(job))
         return
-    step = f"step {job['step']}/{job['total_steps']}" if job.get("total_steps") else ""
-    console.print(f"[bold]{job['id']}[/bold] {job['name']} ({job['tenant']}, priority {job['priority']}): "
-                  f"[bold]{job['state']}[/bold] {step}", highlight=False)
-    if job.get("progress") is not None:
-        console.print(f"  progress: {_bar(job['progress'])}", highlight=False)
-    for key in ("waiting", "cause", "message", "checkpoint"):
-        if job.get(key):
-            console.print(f"  {key}: {job[key]}", highlight=False)
-    if job["metrics"]:
+    from shipyard.api.schemas import JobDetail
+
+    d = JobDetail.model_validate(job)
+    step = f"step {d.step}/{d.total_steps}" if d.total_steps else ""
+    console.print(f"[bold]{d.id}[/bold] {d.name} ({d.tenant}, priority {d.priority}): "
+                  f"[bold]{d.state}[/bold] {step}", highlight=False)
+    if d.progress is not None:
+        console.print(f"  progress: {_bar(d.progress)}", highlight=False)
+    for key, value in (("waiting", d.waiting), ("cause", d.cause), ("message", d.message),
+                       ("checkpoint", d.checkpoint)):
+        if value:
+            console.print(f"  {key}: {value}", highlight=False)
+    if d.metrics:
         console.print("  metrics: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in job["metrics"].items()), highlight=False)
-    if job["attempts"]:
-        t = Table("attempt", "steps", "ended", "cause", "lost", "recovery")
-        for a in job["attempts"]:
-            t.add_row(str(a["number"]), f"{a.get('start_step') or 0}->{a.get('last_step') or 0}",
-                      a.get("kind") or ("running" if not a.get("ended_at") else ""), a.get("cause") or "",
-                      "" if a.get("steps_lost") is None else str(a["steps_lost"]),
-                      "" if a.get("recovery_s") is None else f"{a['recovery_s']:.1f}s")
+                                                for k, v in d.metrics.items()), highlight=False)
+    if d.attempts:
+        t = Table("run", "attempt", "steps", "ended", "cause", "lost", "recovery")
+        for a in d.attempts:
+            ended = a.kind.value if a.kind else ("running" if a.ended_at is None else "")
+            t.add_row(str(a.run_number or ""), str(a.number), f"{a.start_step or 0}->{a.last_step or 0}", ended,
+                      a.cause or "", "" if a.steps_lost is None else str(a.steps_lost),
+                      "" if a.recovery_s is None else f"{a.recovery_s:.1f}s")
         console.print(t)
 
 
@@ -337,6 +346,7 @@ def top(interval: Annotated[float, typer.Option(help="seconds between refreshes 
 
     from rich.live import Live
 
+    from shipyard.api.schemas import JobDetail
     from shipyard.runtime.meter import BUILTIN
 
     states = "ADMITTED,RUNNING,RESTARTING" + (",QUEUED,PREEMPTED" if all_ else "")
@@ -346,12 +356,11 @@ def top(interval: Annotated[float, typer.Option(help="seconds between refreshes 
                   title=f"shipyard top ({c.url}{'' if once else f', every {interval:g}s; q quits'})",
                   title_justify="left")
         for j in c.list(state=states, limit=50)["items"]:
-            d = c.get(j["id"])  # at most 50 jobs per refresh, once every >= 1 s: bounded load
-            shown = sorted((k for k, v in d["metrics"].items() if v is not None), key=lambda k: k in BUILTIN)[:3]
-            metrics = "  ".join(f"{k}={d['metrics'][k]:.4g}" for k in shown)
-            t.add_row(j["id"], j["name"], j["tenant"], j["state"], _bar(j.get("progress"), 15),
-                      f"{j.get('step') or 0}/{j.get('total_steps') or '?'}", metrics, str(len(d["attempts"])),
-                      str(sum(a.get("steps_lost") or 0 for a in d["attempts"])))
+            d = JobDetail.model_validate(c.get(j["id"]))  # at most 50 jobs per refresh, every >= 1 s
+            shown = sorted((k for k, v in d.metrics.items() if v is not None), key=lambda k: k in BUILTIN)[:3]
+            metrics = "  ".join(f"{k}={d.metrics[k]:.4g}" for k in shown)
+            t.add_row(d.id, d.name, d.tenant, d.state, _bar(d.progress, 15), f"{d.step or 0}/{d.total_steps or '?'}",
+                      metrics, str(len(d.attempts)), str(sum(a.steps_lost or 0 for a in d.attempts)))
         return t
 
     if once:
@@ -461,18 +470,100 @@ def admin_set_tenant(name: Annotated[str, typer.Argument(help="tenant name")],
     console.print(f"tenant {t.name}: priority {t.priority}; storage roots: {roots}", highlight=False)
 
 
+# 5 s: shipyard.api.auth.TOKEN_CACHE_S (not imported here: the CLI starts without FastAPI)
+REVOCATION_NOTE = ("A server that has seen the token in the last 5 s may accept it for up to 5 s more (its token "
+                   "cache); POST /v1/admin/tokens/ID/revoke through a server stops it at once in that replica.")
+
+
 @admin_app.command("create-token")
-def admin_create_token(tenant: Annotated[str, typer.Option(help="the token's tenant (created if missing)")],
+def admin_create_token(tenant: Annotated[str, typer.Option(help="the token's tenant (must exist, unless --create-tenant)")],
                        role: Annotated[str, typer.Option(help="user or admin")] = "user",
                        label: Annotated[str | None, typer.Option(help="a note: who holds it")] = None,
+                       expires_in: Annotated[str | None, typer.Option(metavar="DURATION",
+                                                                      help="refuse the token after this long: 90d, 12h "
+                                                                           "or 30m, at most 3650d (default: never)")] = None,
+                       create_tenant: Annotated[bool, typer.Option("--create-tenant",
+                                                                   help="create the tenant first if it does not exist "
+                                                                        "(no quotas; see create-tenant)")] = False,
                        data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
-    """Create a bearer token and print it (it cannot be shown again)."""
+    """Create a bearer token and print it (it cannot be shown again); its id goes to stderr."""
+    from shipyard.store import TenantNotFound
+    from shipyard.store.tenancy import check_label, check_tenant_name, token_lifetime
+
     if role not in ("user", "admin"):
         raise UserError(f"--role: got {role!r}; expected user or admin")
+    check_tenant_name(tenant, "--tenant")
+    check_label(label, "--label")
+    lifetime = None if expires_in is None else token_lifetime(expires_in, "--expires-in")
     with _store(data_dir, database_url) as store:
-        store.create_tenant(tenant, exist_ok=True)
-        secret, _ = store.create_token(tenant, admin=role == "admin", label=label)
+        if create_tenant:
+            store.create_tenant(tenant, exist_ok=True)
+        try:
+            secret, t = store.create_token(tenant, admin=role == "admin", label=label, expires_in=lifetime)
+        except TenantNotFound:
+            raise UserError(f"tenant {tenant!r} does not exist; create it with `shipyard admin create-tenant "
+                            f"{tenant}` or pass --create-tenant") from None
+    expires = f"expires {_utc(t.expires_at)}" if t.expires_at else "never expires"
+    err_console.print(f"token {t.id} ({role} of tenant {t.tenant}, {expires}); it is shown once", highlight=False,
+                      soft_wrap=True)
     print(secret)
+
+
+def _utc(when) -> str:
+    return when.strftime("%Y-%m-%d %H:%M UTC") if when else ""
+
+
+@admin_app.command("list-tokens")
+def admin_list_tokens(tenant: Annotated[str | None, typer.Option(help="only this tenant's tokens")] = None,
+                      limit: Annotated[int, typer.Option(min=1, max=100_000, help="rows to show")] = 1000,
+                      output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
+                      data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
+    """Tokens, oldest first, revoked and expired ones included (never their secrets)."""
+    import json
+
+    from rich.markup import escape
+
+    from shipyard.store.tenancy import check_tenant_name, token_state
+
+    if output not in ("table", "json"):
+        raise UserError(f"--output: got {output!r}; expected table or json")
+    if tenant is not None:
+        check_tenant_name(tenant, "--tenant")
+    with _store(data_dir, database_url) as store:
+        if tenant is not None:
+            store.get_tenant(tenant)  # a typo is an error, not an empty table
+        tokens = store.list_tokens(tenant, limit=limit + 1)
+    more, tokens = len(tokens) > limit, tokens[:limit]
+    if output == "json":
+        from shipyard.api.routes_admin import TokenOut  # the shape GET /v1/admin/tokens answers
+
+        print(json.dumps([TokenOut.of(t).model_dump(mode="json") for t in tokens], indent=2))
+        return
+    table = Table("id", "tenant", "role", "label", "created", "expires", "revoked", "state", box=None, pad_edge=False)
+    for t in tokens:
+        table.add_row(str(t.id), t.tenant, "admin" if t.admin else "user", escape(t.label or ""), _utc(t.created_at),
+                      _utc(t.expires_at) or "never", _utc(t.revoked_at), token_state(t))
+    # Piped: rows at their full width, not folded at 80 columns.
+    (console if console.is_terminal else Console(width=10_000)).print(table)
+    if more:
+        err_console.print(f"(more: --limit {limit * 2})")
+
+
+@admin_app.command("revoke-token", help="Revoke a token by its id (list-tokens shows them). " + REVOCATION_NOTE)
+def admin_revoke_token(token_id: Annotated[int, typer.Argument(metavar="ID", help="the token's id")],
+                       data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
+    from rich.markup import escape
+
+    with _store(data_dir, database_url) as store:
+        before = store.get_token(token_id)
+        t = store.revoke_token(token_id)
+    who = f"{'admin' if t.admin else 'user'} of tenant {t.tenant}" + (f", {escape(t.label)}" if t.label else "")
+    if before.revoked_at is not None:
+        console.print(f"token {t.id} ({who}) was already revoked at {_utc(t.revoked_at)}", highlight=False,
+                      soft_wrap=True)
+        return
+    console.print(f"token {t.id} ({who}) revoked; a running server refuses it within 5 s", highlight=False,
+                  soft_wrap=True)
 
 
 def main() -> None:

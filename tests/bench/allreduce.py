@@ -132,12 +132,12 @@ def digits_step_times(epochs: int) -> None:
             result = launch(spec)
             if not result.ok:
                 sys.exit(f"digits with {kind} failed: {result.error}")
-            snap, attempt = result.snapshot, result.snapshot["attempts"][-1]
-            steps = attempt["last_step"] - attempt["start_step"] - 1
-            step_s[kind] = (attempt["last_step_at"] - attempt["first_step_at"]) / steps
+            snap, attempt = result.snapshot, result.snapshot.attempts[-1]
+            steps = attempt.last_step - attempt.start_step - 1
+            step_s[kind] = (attempt.last_step_at - attempt.first_step_at) / steps
             print(json.dumps({"bench": "digits_step", "strategy": kind, "steps": steps + 1,
                               "step_ms": round(step_s[kind] * 1000, 3),
-                              "accuracy": snap["metrics"].get("accuracy")}), flush=True)
+                              "accuracy": snap.metrics.get("accuracy")}), flush=True)
     print(json.dumps({"ratio_digits_step_horovod_over_ddp": round(step_s["horovod"] / step_s["ddp"], 3)}))
 
 

@@ -77,20 +77,20 @@ def run(launch, load_spec, work: Path, mode: str, in_place: bool) -> float:
     result = launch(spec)
     if not result.ok:
         sys.exit(f"the job failed ({mode}): {result.error}")
-    attempts = result.snapshot["attempts"]
+    attempts = result.snapshot.attempts
     rows = []
     for (step, rank), failed, nxt in zip(KILLS, attempts, attempts[1:]):
         killed_at = float((out / f"killed-{step}").read_text())
         parts = {
-            "detect": failed["end"] - killed_at,
-            "group_start": nxt["entered"] - failed["end"],
-            "restore": nxt["restored_at"] - nxt["entered"],
-            "first_step": nxt["first_step_at"] - nxt["restored_at"],
+            "detect": failed.end - killed_at,
+            "group_start": nxt.entered - failed.end,
+            "restore": nxt.restored_at - nxt.entered,
+            "first_step": nxt.first_step_at - nxt.restored_at,
         }
         row = {"bench": "recovery", "mode": mode, "kill_step": step, "rank": rank,
-               "seconds": round(nxt["first_step_at"] - killed_at, 2),
-               **{k: round(v, 2) for k, v in parts.items()}, "steps_lost": failed["steps_lost"],
-               "resumed_from": nxt["start_step"]}
+               "seconds": round(nxt.first_step_at - killed_at, 2),
+               **{k: round(v, 2) for k, v in parts.items()}, "steps_lost": failed.steps_lost,
+               "resumed_from": nxt.start_step}
         rows.append(row)
         print(json.dumps(row), flush=True)
     med = {k: round(statistics.median(r[k] for r in rows), 2) for k in ("seconds", "detect", "group_start",

@@ -150,13 +150,13 @@ def test_driver_reports_store_attempts_metrics_and_move_the_state(api):
     # The token is checked before the body is read, and it is bound to its run.
     assert error(api.post(url, content=b"{" * 5000, headers={"Content-Type": "application/json"}), 401)
     stale = {"Authorization": f"Bearer {report_token(KEY, job, 'run-0')}"}
-    assert "not run-1" in error(api.post(url, json={"submission": "run-1"}, headers=stale), 403)
-    assert api.post(url, json={"step": 3}, headers=stale).json()["ok"] is False  # a stale run's report is dropped
+    assert "not run-1" in error(api.post(url, json={"schema": 2, "submission": "run-1"}, headers=stale), 403)
+    assert api.post(url, json={"schema": 2, "step": 3}, headers=stale).json()["ok"] is False  # a stale run's is dropped
     t0 = time.time()
-    points = [[i, t0, {"loss": 1.0 / (i + 1)}] for i in range(MAX_POINTS + 500)]
-    body = {"submission": "run-1", "step": 40, "total": 100, "checkpoint": "/ck/step-000000040",
-            "attempts": [{"number": 1, "start": t0, "start_step": 0, "last_step": 40, "recovery_s": 1.5}],
-            "events": [[t0, "checkpoint at step 40 committed"]], "metrics": points}
+    points = [{"step": i, "at": t0, "values": {"loss": 1.0 / (i + 1)}} for i in range(MAX_POINTS + 500)]
+    body = {"schema": 2, "submission": "run-1", "step": 40, "total": 100, "checkpoint": "/ck/step-000000040",
+            "attempts": [{"number": 1, "start": t0, "start_step": 0, "last_step": 40, "first_step_at": t0 + 1.5}],
+            "events": [{"at": t0, "message": "checkpoint at step 40 committed"}], "metrics": points}
     r = api.post(url, json=body, headers=auth)
     assert r.json() == {"ok": True, "state": "RUNNING"}
     # The first attempt failed; Ray Train restarts the group: RESTARTING until the restart's first step.
@@ -165,7 +165,7 @@ def test_driver_reports_store_attempts_metrics_and_move_the_state(api):
          "start_step": 0, "last_step": 43, "steps_lost": 3},
         {"number": 2, "start": t0 + 6, "start_step": 40, "last_step": 40}])
     assert api.post(url, json=body, headers=auth).json()["state"] == "RESTARTING"
-    body["attempts"][1].update(last_step=60, recovery_s=2.0)
+    body["attempts"][1].update(last_step=60, first_step_at=t0 + 8)
     body.update(step=60)
     assert api.post(url, json=body, headers=auth).json()["state"] == "RUNNING"
     got = api.get(f"/v1/jobs/{job}", headers=h(api, "a")).json()

@@ -96,17 +96,19 @@ def seed_finished_job_with_one_failure(url: str, token: str, store) -> tuple[str
     store.transition(job_id, S.QUEUED, S.ADMITTED, backend_handle="raysubmit_1")
     t0 = time.time() - 600
     # Attempt 1 runs steps 0..79, checkpoints at 50, dies; attempt 2 resumes at 50 and finishes.
-    points = [(s, t0 + s * 2.0, {"loss": 2.0 / (1 + s / 10), "samples_per_s": 500.0 + s}) for s in range(0, 80)]
-    points += [(s, t0 + 200 + s * 2.0, {"loss": 2.0 / (1 + s / 10), "samples_per_s": 520.0})
+    points = [{"step": s, "at": t0 + s * 2.0, "values": {"loss": 2.0 / (1 + s / 10), "samples_per_s": 500.0 + s}}
+              for s in range(0, 80)]
+    points += [{"step": s, "at": t0 + 200 + s * 2.0, "values": {"loss": 2.0 / (1 + s / 10), "samples_per_s": 520.0}}
                for s in range(80, STEPS)]
     attempts = [
         {"number": 1, "start": t0, "end": t0 + 160, "kind": "failed", "cause": CAUSE, "start_step": 0,
          "last_step": 79, "committed_step": 50, "steps_lost": 29},
         {"number": 2, "start": t0 + 170, "end": t0 + 440, "kind": "finished", "cause": None, "start_step": 50,
-         "last_step": STEPS - 1, "committed_step": STEPS - 1, "steps_lost": 0, "recovery_s": 10.0},
+         "last_step": STEPS - 1, "committed_step": STEPS - 1, "steps_lost": 0, "first_step_at": t0 + 180},
     ]
-    body = {"submission": "raysubmit_1", "step": STEPS, "total": STEPS, "checkpoint": "file:///ckpt/step-119",
-            "attempts": attempts, "events": [[t0 + 165, "restarting from step 50"]], "metrics": points,
+    body = {"schema": 2, "submission": "raysubmit_1", "step": STEPS, "total": STEPS,
+            "checkpoint": "file:///ckpt/step-119", "attempts": attempts,
+            "events": [{"at": t0 + 165, "message": "restarting from step 50"}], "metrics": points,
             "outcome": None}
     r = httpx.post(f"{url}/v1/jobs/{job_id}/report", json=body,
                    headers={"Authorization": f"Bearer {report_token(b'dashboard-test', job_id, 'raysubmit_1')}"})
@@ -185,8 +187,8 @@ def test_shipyard_top_once_shows_the_running_job_with_its_progress_and_built_in_
     store.transition(job_id, S.QUEUED, S.ADMITTED, backend_handle="raysubmit_2")
     t0 = time.time() - 60
     builtins = {"step_time_s": 0.25, "data_wait_s": 0.01, "samples_per_s": 256.0, "tokens_per_s": 65536.0}
-    points = [(s, t0 + s, {"loss": 4.0 / s, **builtins}) for s in range(1, 41)]
-    body = {"submission": "raysubmit_2", "step": 40, "total": 100, "metrics": points,
+    points = [{"step": s, "at": t0 + s, "values": {"loss": 4.0 / s, **builtins}} for s in range(1, 41)]
+    body = {"schema": 2, "submission": "raysubmit_2", "step": 40, "total": 100, "metrics": points,
             "attempts": [{"number": 1, "start": t0, "start_step": 0, "last_step": 40}]}
     r = httpx.post(f"{url}/v1/jobs/{job_id}/report", json=body,
                    headers={"Authorization": f"Bearer {report_token(b'dashboard-test', job_id, 'raysubmit_2')}"})

@@ -60,6 +60,10 @@ def test_sigterm_exits_within_seconds_and_the_running_job_finishes_once_after_th
     assert [(x["number"], x["kind"]) for x in job["attempts"]] == [(1, "finished")]
     assert steps_run(out) == list(range(1, 70))  # one run: every step once, none twice
     assert job["backend_handle"] == f"shipyard-{job_id}-1"
+    assert [(r["number"], r["attempts"], r["outcome"]) for r in job["runs"]] == [(1, [1], "finished")]
+    before = "".join(followed)
+    logs = Client(server.url, server.token).logs(job_id, tail=None)  # the head kept the run: its whole log
+    assert before.strip() and before.strip().splitlines()[0] in logs, (before[:500], logs[:500])
     assert server.stop() == 0, server.logs.read_text()[-3000:]
 
 

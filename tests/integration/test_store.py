@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from shipyard.run.records import DriverReport
 from shipyard.errors import UserError
 from shipyard.spec import spec_from_dict
 from shipyard.store import (IllegalTransition, JobNotFound, JobState, StaleTransition, Store, StoreError,
@@ -237,8 +238,9 @@ def test_a_report_past_the_limit_keeps_recent_rows_and_averages_older_ones(store
     from shipyard.store.metrics import OLD_BUCKETS, RECENT_POINTS
 
     j = store.add_job("a", spec())
-    points = [(s, 1.7e9 + s, {"loss": 1.0, **({"eval": 2.0} if s % 500 == 0 else {})}) for s in range(3000)]
-    store.record_report(j.id, "run-1", step=2999, metrics=points)
+    points = [{"step": s, "at": 1.7e9 + s, "values": {"loss": 1.0, **({"eval": 2.0} if s % 500 == 0 else {})}}
+              for s in range(3000)]
+    store.record_report(j.id, "run-1", DriverReport(schema=2, step=2999, metrics=points))
     series = store.metrics(j.id)
     assert len(series) <= OLD_BUCKETS + RECENT_POINTS
     assert [p.step for p in series[-RECENT_POINTS:]] == list(range(2800, 3000))

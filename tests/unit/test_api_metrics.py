@@ -39,8 +39,9 @@ def running_job(api, points, attempts=()):
     job_id = api.post("/v1/jobs", json=SPEC, headers=auth(api)).json()["id"]
     api.store.transition(job_id, S.QUEUED, S.ADMITTED, backend_handle="sub-1")
     r = api.post(f"/v1/jobs/{job_id}/report", headers={"Authorization": f"Bearer {report_token(KEY, job_id, 'sub-1')}"},
-                 json={"submission": "sub-1", "step": points[-1][0] if points else 0, "total": 100,
-                       "attempts": list(attempts), "metrics": points})
+                 json={"schema": 2, "submission": "sub-1", "step": points[-1][0] if points else 0, "total": 100,
+                       "attempts": list(attempts),
+                       "metrics": [{"step": step, "at": at, "values": values} for step, at, values in points]})
     assert r.status_code == 200 and r.json()["ok"], r.text
     return job_id
 

@@ -197,13 +197,13 @@ def test_tensorboard_dir_is_resolved_against_the_spec_file(tmp_path):
 def test_the_driver_reports_values_that_change_after_the_last_step():
     """The loop's final push (the built-ins of its last steps) and an evaluation after the loop
     come at the step already reported: they must still reach the server."""
+    from shipyard.run.records import RunSnapshot
     from shipyard.runtime.report import Session
 
     spec = spec_from_dict({"name": "j", "entrypoint": "train.py:train", "dataset": {"uri": "/d"}})
     s = Session(spec, "http://127.0.0.1:9/v1/jobs/j/report", "token", "sub-1")
-    s._handler_installed = True  # no signal handlers in the test process
-    s.update({"step": 23, "metrics": {"loss": 0.5}})
-    s.update({"step": 23, "metrics": {"loss": 0.5}})
-    s.update({"step": 23, "metrics": {"loss": 0.5, "samples_per_s": 900.0, "accuracy": float("nan")}})
-    assert [(step, values) for step, _, values in s._points] == [
+    s._armed_after_init = True  # no signal handlers in the test process
+    for metrics in ({"loss": 0.5}, {"loss": 0.5}, {"loss": 0.5, "samples_per_s": 900.0, "accuracy": float("nan")}):
+        s.update(RunSnapshot(step=23, metrics=metrics))
+    assert [(p.step, p.values) for p in s._points] == [
         (23, {"loss": 0.5}), (23, {"loss": 0.5, "samples_per_s": 900.0, "accuracy": None})]

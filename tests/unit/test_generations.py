@@ -1,6 +1,8 @@
 """The progress board's process-group generations (runtime/progress.py, runtime/regroup.py):
 who may form a group, when an attempt opens and closes, and when max_failures stops the job."""
 
+from shipyard.run.records import AttemptKind as K
+from shipyard.run.records import GenerationState as G
 from shipyard.runtime.progress import LEAVE_GRACE_S, Board
 
 MASTER = ("127.0.0.1", 29500)
@@ -10,7 +12,7 @@ def formed(board: Board, world: int = 2) -> int:
     number = board.join(1, world, None)
     assert board.formed(number) is None  # rank 0 is not in yet
     assert board.join(0, world, MASTER) == number
-    assert board.formed(number) == {"master": MASTER}
+    assert board.formed(number).master == MASTER
     return number
 
 
@@ -18,9 +20,9 @@ def test_a_group_forms_once_every_rank_joined_and_opens_an_attempt():
     board = Board(max_failures=1, world=2)
     number = formed(board)
     assert number == 0
-    (attempt,) = board.snapshot()["attempts"]
-    assert attempt["number"] == 1 and attempt["world"] == 2 and attempt["end"] is None
-    assert attempt["entered"] is not None
+    (attempt,) = board.snapshot().attempts
+    assert attempt.number == 1 and attempt.world == 2 and attempt.end is None
+    assert attempt.entered is not None
 
 
 def test_a_survivor_waits_for_the_replacement_and_the_controller_names_the_cause():
@@ -29,13 +31,13 @@ def test_a_survivor_waits_for_the_replacement_and_the_controller_names_the_cause
     board.broken(first, 0, "RuntimeError: gloo Connection reset by peer")  # the survivor noticed first
     second = board.join(0, 2, MASTER)
     assert second == first + 1 and board.formed(second) is None
-    assert board.formed(first) == {"superseded": True}
+    assert board.formed(first).superseded
     board.attempt_failed("rank 1: worker process died", "failed")  # then Ray Train's controller
     board.join(1, 2, None)  # the replacement
-    assert board.formed(second) == {"master": MASTER}
-    one, two = board.snapshot()["attempts"]
-    assert one["kind"] == "failed" and one["cause"] == "rank 1: worker process died"
-    assert two["end"] is None and two["start"] <= two["entered"]
+    assert board.formed(second).master == MASTER
+    one, two = board.snapshot().attempts
+    assert one.kind is K.FAILED and one.cause == "rank 1: worker process died"
+    assert two.end is None and two.start <= two.entered
 
 
 def test_a_break_no_process_explains_ends_the_attempt_with_the_survivors_words():
@@ -44,8 +46,8 @@ def test_a_break_no_process_explains_ends_the_attempt_with_the_survivors_words()
     board.broken(first, 1, "DistNetworkError: timed out")
     board.broken(first, 0, "RuntimeError: gloo read error")  # the same break, seen by the other rank
     formed(board)
-    one, _ = board.snapshot()["attempts"]
-    assert one["kind"] == "failed" and one["cause"] == "rank 1: DistNetworkError: timed out"
+    one, _ = board.snapshot().attempts
+    assert one.kind is K.FAILED and one.cause == "rank 1: DistNetworkError: timed out"
 
 
 def test_a_preempted_attempt_is_not_a_failure():
@@ -54,8 +56,8 @@ def test_a_preempted_attempt_is_not_a_failure():
     board.broken(first, 0, "Preempted: preempted: rank 1 received SIGTERM")
     board.attempt_failed("preempted: rank 1 received SIGTERM; checkpoint at step 7 committed", "preempted")
     second = formed(board)
-    assert board.formed(second) == {"master": MASTER}  # max_failures=0, yet admitted
-    assert [a["kind"] for a in board.snapshot()["attempts"]] == ["preempted", None]
+    assert board.formed(second).master == MASTER  # max_failures=0, yet admitted
+    assert [a.kind for a in board.snapshot().attempts] == [K.PREEMPTED, None]
 
 
 def test_max_failures_spent_refuses_the_next_group_to_every_rank():
@@ -66,9 +68,10 @@ def test_max_failures_spent_refuses_the_next_group_to_every_rank():
     number = board.join(0, 2, MASTER)
     board.join(1, 2, None)
     refused = board.formed(number)
-    assert refused["refused"].startswith("max_failures=1 exhausted: 2 failed attempts")
+    assert refused.state is G.REFUSED
+    assert refused.refused.startswith("max_failures=1 exhausted: 2 failed attempts")
     assert board.join(1, 2, None) == number and board.formed(number) == refused  # a late rank too
-    assert len(board.snapshot()["attempts"]) == 2
+    assert len(board.snapshot().attempts) == 2
 
 
 def test_a_whole_group_restart_at_another_size_forms_with_the_new_world():
@@ -76,8 +79,8 @@ def test_a_whole_group_restart_at_another_size_forms_with_the_new_world():
     formed(board)
     board.attempt_failed("rank 1: its node died", "failed")  # elastic: Ray Train restarts with 1 worker
     number = board.join(0, 1, MASTER)
-    assert board.formed(number) == {"master": MASTER}
-    assert [a["world"] for a in board.snapshot()["attempts"]] == [2, 1]
+    assert board.formed(number).master == MASTER
+    assert [a.world for a in board.snapshot().attempts] == [2, 1]
 
 
 def test_a_rank_stuck_in_a_broken_group_is_told_to_exit_after_the_grace_period():
@@ -86,7 +89,7 @@ def test_a_rank_stuck_in_a_broken_group_is_told_to_exit_after_the_grace_period()
     assert board.heartbeat(0, 5, False, first) is None  # healthy
     board.attempt_failed("rank 1: worker process died", "failed")
     assert board.heartbeat(0, 5, False, first) is None  # just broke: rank 0 may still be leaving
-    board.generation.broken_at -= LEAVE_GRACE_S
+    board.rendezvous.generation.broken_at -= LEAVE_GRACE_S
     verdict = board.heartbeat(0, 5, False, first)
     assert verdict.culprits == (0,) and not verdict.frozen
     assert "rank 0 was still in process group 0" in verdict.message

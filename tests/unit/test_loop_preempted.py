@@ -12,7 +12,7 @@ import time
 import pytest
 
 from shipyard.backends.base import BackendStatus, State
-from shipyard.runtime.report import RunOutcome
+from shipyard.run.records import DriverReport, RunOutcome
 from shipyard.scheduler.loop import SchedulerLoop
 from shipyard.store import JobState, Store
 
@@ -50,9 +50,14 @@ def preempted_job(store: Store, kinds_and_steps, outcome: RunOutcome | None = No
         attempts.append({"number": n, "start": now - 10 + n, "end": now - 9 + n, "kind": kind, "start_step": start,
                          "last_step": last, "committed_step": last, "steps_lost": 0})
         start = last
-    store.record_report(job.id, "run-1", step=step if step is not None else kinds_and_steps[-1][1], total=TOTAL,
-                        attempts=attempts, outcome=outcome)
+    store.record_report(job.id, "run-1", report(step=step if step is not None else kinds_and_steps[-1][1],
+                                                attempts=attempts, outcome=outcome))
     return store.transition(job.id, S.RUNNING, S.PREEMPTED, cause="preempted")
+
+
+def report(outcome: RunOutcome | None = None, **fields) -> DriverReport:
+    kind = None if outcome is None else {"kind": outcome, "ok": outcome is RunOutcome.FINISHED}
+    return DriverReport(schema=2, total=TOTAL, outcome=kind, **fields)
 
 
 def follow(store, job, ray_state=State.STOPPED):
@@ -115,8 +120,8 @@ def test_a_running_job_whose_driver_finished_then_died_on_its_way_out_is_succeed
     store.transition(job.id, S.QUEUED, S.ADMITTED)
     store.transition(job.id, S.ADMITTED, S.RUNNING, backend_handle="run-1")
     now = time.time()
-    store.record_report(job.id, "run-1", step=TOTAL, total=TOTAL, outcome=RunOutcome.FINISHED, attempts=[
-        {"number": 1, "start": now - 5, "end": now, "kind": "finished", "start_step": 0, "last_step": TOTAL}])
+    store.record_report(job.id, "run-1", report(step=TOTAL, outcome=RunOutcome.FINISHED, attempts=[
+        {"number": 1, "start": now - 5, "end": now, "kind": "finished", "start_step": 0, "last_step": TOTAL}]))
     SchedulerLoop(store, Backend())._follow(store.get_job(job.id), BackendStatus(State.FAILED, "ExitCode1", "killed"))
     assert store.get_job(job.id).state is S.SUCCEEDED
 
@@ -125,7 +130,7 @@ def test_a_failed_runs_kind_comes_from_the_typed_outcome(store):
     job = store.add_job("a", SPEC)
     store.transition(job.id, S.QUEUED, S.ADMITTED)
     store.transition(job.id, S.ADMITTED, S.RUNNING, backend_handle="run-1")
-    store.record_report(job.id, "run-1", step=3, total=TOTAL, outcome=RunOutcome.USER_ERROR)
+    store.record_report(job.id, "run-1", report(step=3, outcome=RunOutcome.USER_ERROR))
     store.add_event(job.id, "outcome", "user_error: entrypoint: train.py not found in /w")
     SchedulerLoop(store, Backend())._follow(store.get_job(job.id), BackendStatus(State.FAILED, "ExitCode2"))
     got = store.get_job(job.id)

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from shipyard.run.records import DriverReport
 from shipyard.store import Store
 from shipyard.store.metrics import MAX_POINTS, OLD_BUCKETS, RECENT_POINTS, downsample
 
@@ -68,8 +69,8 @@ def test_a_million_step_run_stays_bounded_in_the_store(tmp_path):
         points = []
         for _ in range(25):
             step += stride
-            points.append((step, 1.7e9 + step, {"loss": 1.0 / step, "step_time_s": 0.1}))
-        store.record_report(job_id, "run-1", step=step, total=1_000_000, metrics=points)
+            points.append({"step": step, "at": 1.7e9 + step, "values": {"loss": 1.0 / step, "step_time_s": 0.1}})
+        store.record_report(job_id, "run-1", DriverReport(schema=2, step=step, total=1_000_000, metrics=points))
         if step % 100_000 == 0:
             assert len(store.metrics(job_id)) <= MAX_POINTS
     series = store.metrics(job_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from shipyard.run.records import DriverReport
 from shipyard.scheduler.loop import SchedulerLoop
 from shipyard.store import JobState, Store
 
@@ -38,8 +39,8 @@ def test_a_requeued_job_gets_a_new_run_number_after_the_head_forgot_the_old_one(
         first = store.get_job(job.id)
         assert (first.backend_handle, first.runs) == (f"shipyard-{job.id}-1", 1)
         t0 = time.time()
-        store.record_report(job.id, first.backend_handle, step=7, attempts=[
-            {"number": 1, "start": t0, "start_step": 0, "last_step": 7}])
+        store.record_report(job.id, first.backend_handle, DriverReport(schema=2, step=7, attempts=[
+            {"number": 1, "start": t0, "start_step": 0, "last_step": 7}]))
 
         head.known.clear()  # the head restarted: its job records are gone
         store.transition(job.id, S.ADMITTED, S.PREEMPTED, cause="lost")
@@ -48,8 +49,8 @@ def test_a_requeued_job_gets_a_new_run_number_after_the_head_forgot_the_old_one(
         loop._submit(store.get_job(job.id))
         second = store.get_job(job.id)
         assert (second.backend_handle, second.runs) == (f"shipyard-{job.id}-2", 2)
-        store.record_report(job.id, second.backend_handle, step=3, attempts=[
-            {"number": 1, "start": t0 + 10, "start_step": 0, "last_step": 3}])
+        store.record_report(job.id, second.backend_handle, DriverReport(schema=2, step=3, attempts=[
+            {"number": 1, "start": t0 + 10, "start_step": 0, "last_step": 3}]))
         runs = [(a.submission, a.last_step) for a in store.attempts(job.id)]
         assert runs == [(f"shipyard-{job.id}-1", 7), (f"shipyard-{job.id}-2", 3)]
 

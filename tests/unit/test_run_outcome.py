@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from shipyard.api import ApiConfig, create_app
 from shipyard.api.auth import report_token
-from shipyard.runtime.report import RunOutcome, Session
+from shipyard.run.records import RunOutcome, RunSnapshot
+from shipyard.runtime.report import Session
 from shipyard.spec import JobSpec
 from shipyard.store import JobState as S
 from shipyard.store import Store
@@ -42,7 +43,7 @@ def posted(monkeypatch):
 
 def session(snapshot: dict, notice_at: float | None) -> Session:
     s = Session(JobSpec.model_validate(SPEC), "http://server/v1/jobs/j/report", "t", "run-1")
-    s._latest, s.notice_at = snapshot, notice_at
+    s._latest, s.notice_at = RunSnapshot.model_validate(snapshot), notice_at
     return s
 
 
@@ -59,13 +60,13 @@ def test_a_run_that_returned_after_a_stop_request_without_reaching_the_end_is_st
 def test_a_run_that_trained_to_the_end_is_finished_even_when_a_stop_reached_it_late(posted, notice_at):
     s = session({"step": TOTAL, "total": TOTAL, "attempts": [attempt(1, "finished", TOTAL)]}, notice_at)
     s.finish(True)
-    assert posted[-1]["outcome"] | {"error": None} == {"kind": "finished", "ok": True, "error": None, "user_error": False,
-                                                      "preempted": False, "step": TOTAL, "total": TOTAL}
+    assert posted[-1]["outcome"] == {"kind": "finished", "ok": True, "error": None, "step": TOTAL, "total": TOTAL}
+    assert posted[-1]["schema"] == 2
 
 
 def test_the_first_outcome_is_the_one_reported(posted):
     s = session({"step": 81, "total": TOTAL, "attempts": [attempt(1, "preempted", 81)]}, notice_at=100.5)
-    s.finish(False, "preempted: checkpoint committed", preempted=True, kind=RunOutcome.PREEMPTED)
+    s.finish(False, "preempted: checkpoint committed", kind=RunOutcome.PREEMPTED)
     s.finish(True)  # the CLI, as launch() returns while the stop handler is exiting
     assert [b["outcome"]["kind"] for b in posted] == ["preempted"]
 
@@ -73,7 +74,7 @@ def test_the_first_outcome_is_the_one_reported(posted):
 def test_the_stop_handler_does_not_report_a_run_whose_training_already_ended_as_stopped(posted, monkeypatch):
     s = session({"step": TOTAL, "total": TOTAL, "attempts": [attempt(1, "finished", TOTAL)]}, notice_at=None)
     monkeypatch.setattr("os._exit", lambda code: pytest.fail(f"the driver exited {code} on a finished run"))
-    s._on_sigterm()  # SIGINT from a cancel that arrived as the driver was saying goodbye
+    s._on_sigterm().join(5)  # SIGINT from a cancel that arrived as the driver was saying goodbye
     s.finish(True)
     assert [b["outcome"]["kind"] for b in posted] == ["finished"]
 
@@ -98,7 +99,8 @@ def running(api) -> str:
 
 def report(api, job_id, outcome: dict | None, attempts, step):
     r = api.post(f"/v1/jobs/{job_id}/report", headers={"Authorization": f"Bearer {report_token(KEY, job_id, 'run-1')}"},
-                 json={"submission": "run-1", "step": step, "total": TOTAL, "attempts": attempts, "outcome": outcome})
+                 json={"schema": 2, "submission": "run-1", "step": step, "total": TOTAL, "attempts": attempts,
+                       "outcome": outcome})
     assert r.status_code == 200 and r.json()["ok"], r.text
 
 
@@ -119,14 +121,18 @@ def test_a_cancel_after_the_run_finished_is_refused_and_the_job_stays_succeeded(
 
 def test_a_cancel_of_a_run_that_was_only_preempted_still_cancels(api):
     job_id = running(api)
-    report(api, job_id, {"kind": "preempted", "ok": False, "preempted": True},
+    report(api, job_id, {"kind": "preempted", "ok": False},
            [attempt(1, "preempted", 81) | {"start": time.time() - 5, "end": time.time()}], 81)
     assert cancel(api, job_id).status_code == 200
     assert api.store.get_job(job_id).state is S.CANCELLED
 
 
-def test_an_older_drivers_untyped_ok_is_not_taken_as_finished(api):
+def test_a_report_of_an_older_schema_is_refused_naming_the_schema_and_nothing_is_stored(api):
     job_id = running(api)
-    report(api, job_id, {"ok": True}, [attempt(1, "finished", 95) | {"start": time.time() - 5, "end": time.time()}], 95)
-    assert api.store.run_outcome(job_id, "run-1") is None
-    assert cancel(api, job_id).status_code == 200  # 95 of 460 steps: not a finished run
+    r = api.post(f"/v1/jobs/{job_id}/report", headers={"Authorization": f"Bearer {report_token(KEY, job_id, 'run-1')}"},
+                 json={"submission": "run-1", "step": 95, "total": TOTAL, "outcome": {"ok": True},
+                       "attempts": [attempt(1, "finished", 95)]})  # a driver from before the typed records
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"].startswith("body.schema: report schema 1 is not supported; this server reads schema 2")
+    assert api.store.run_outcome(job_id, "run-1") is None and api.store.attempts(job_id) == []
+    assert cancel(api, job_id).status_code == 200  # nothing taken as finished

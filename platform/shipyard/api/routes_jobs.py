@@ -23,7 +23,7 @@ from shipyard.api.auth import Principal, principal
 from shipyard.backends.base import BackendError
 from shipyard.api.errors import ApiError
 from shipyard.api.schemas import (AttemptOut, CheckpointOut, Created, EventOut, JobDetail, JobList, JobSummary,
-                                  MetricPointOut, MetricsOut)
+                                  MetricPointOut, MetricsOut, RunOut)
 from shipyard.errors import SpecError, UserError
 from shipyard.spec import JobSpec
 from shipyard.store import JobState
@@ -112,16 +112,28 @@ def get_job(request: Request, who: Caller, job_id: str) -> JobDetail:
     """Spec, state, attempts, latest metrics, checkpoints and recent events."""
     store = request.app.state.store
     job = _job(request, who, job_id)
-    attempts = [AttemptOut(number=a.number, started_at=a.started_at, ended_at=a.ended_at, kind=a.kind, cause=a.cause,
-                           start_step=a.start_step, last_step=a.last_step, committed_step=a.committed_step,
-                           steps_lost=a.steps_lost, recovery_s=a.recovery_s, run=a.submission)
-                for a in store.attempts(job_id)]
+    attempts, runs = _runs(store.attempts(job_id), job.backend_handle, store.run_outcome(job_id, job.backend_handle))
     checkpoints, error = _checkpoints(job.spec)
     events = [EventOut(at=e.at, kind=e.kind, message=e.message) for e in store.events(job_id)[-50:]]
     summary = JobSummary.of(job, _reasons(request).get(job.id))
-    return JobDetail(**summary.model_dump(), spec=job.spec, backend_handle=job.backend_handle, attempts=attempts,
+    return JobDetail(**summary.model_dump(), spec=job.spec, backend_handle=job.backend_handle, attempts=attempts, runs=runs,
                      metrics=store.latest_metrics(job_id), checkpoint=job.checkpoint, checkpoints=checkpoints,
                      checkpoints_error=error, events=events)
+
+
+def _runs(attempts, current: str | None, outcome) -> tuple[list[AttemptOut], list[RunOut]]:
+    """The job's attempts, each with the number of its run, and the runs in the order they started."""
+    runs: dict[str, RunOut] = {}
+    out = []
+    for a in attempts:
+        handle = a.submission or "unknown"
+        run = runs.setdefault(handle, RunOut(number=len(runs) + 1, handle=handle, attempts=[], first_step=a.start_step))
+        run.attempts.append(a.number)
+        run.last_step, run.ended = a.last_step, a.kind
+        out.append(AttemptOut.of(a, run.number))
+    if current in runs:
+        runs[current].outcome = outcome
+    return out, list(runs.values())
 
 
 def _checkpoints(spec: dict) -> tuple[list[CheckpointOut], str | None]:
@@ -207,7 +219,7 @@ def metrics(request: Request, who: Caller, job_id: str,
 
 
 def _register_spec_schema(app) -> None:
-    """Put the JobSpec's and the driver Report's JSON schemas into the OpenAPI components (both
+    """Put the JobSpec's and the DriverReport's JSON schemas into the OpenAPI components (both
     bodies are read raw: the spec may be YAML, and a report is read only after its token is checked)."""
     original = app.openapi
 
@@ -215,10 +227,10 @@ def _register_spec_schema(app) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = original()
-        from shipyard.api.routes_report import Report
+        from shipyard.run.records import DriverReport
 
-        for name, model in (("JobSpec", JobSpec), ("Report", Report)):
-            body_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, model in (("JobSpec", JobSpec), ("DriverReport", DriverReport)):
+            body_schema = model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
             defs = body_schema.pop("$defs", {})
             schema.setdefault("components", {}).setdefault("schemas", {}).update({**defs, name: body_schema})
         app.openapi_schema = schema

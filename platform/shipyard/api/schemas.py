@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shipyard.run.records import AttemptKind, RunOutcome
+
 
 class Created(BaseModel):
     id: str
@@ -38,17 +40,36 @@ class JobSummary(BaseModel):
 
 
 class AttemptOut(BaseModel):
-    number: int
+    number: int  # counted over the job's runs
     started_at: datetime
     ended_at: datetime | None = None
-    kind: str | None = None
+    kind: AttemptKind | None = None
     cause: str | None = None
     start_step: int | None = None
     last_step: int | None = None
     committed_step: int | None = None
     steps_lost: int | None = None
     recovery_s: float | None = None
-    run: str | None = None
+    run: str | None = None  # the backend's handle of the run it belongs to
+    run_number: int | None = None  # which of the job's runs (1 = the first submission to a backend)
+
+    @classmethod
+    def of(cls, a, run_number: int | None) -> "AttemptOut":
+        return cls(number=a.number, started_at=a.started_at, ended_at=a.ended_at, kind=a.kind, cause=a.cause,
+                   start_step=a.start_step, last_step=a.last_step, committed_step=a.committed_step,
+                   steps_lost=a.steps_lost, recovery_s=a.recovery_s, run=a.submission, run_number=run_number)
+
+
+class RunOut(BaseModel):
+    """One submission of the job to a backend, with its attempts."""
+
+    number: int
+    handle: str
+    attempts: list[int]  # the job-wide numbers of its attempts
+    first_step: int | None = None  # the step its first attempt started from
+    last_step: int | None = None
+    outcome: RunOutcome | None = None  # the driver's word, for the job's current run
+    ended: AttemptKind | None = None  # how its last attempt ended (lost: it vanished with its head)
 
 
 class CheckpointOut(BaseModel):
@@ -70,6 +91,7 @@ class JobDetail(JobSummary):
     spec: dict[str, Any]
     backend_handle: str | None = None
     attempts: list[AttemptOut] = []
+    runs: list[RunOut] = []
     metrics: dict[str, float | None] = {}
     checkpoint: str | None = None
     checkpoints: list[CheckpointOut] = []

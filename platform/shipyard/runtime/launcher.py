@@ -18,7 +18,8 @@ from shipyard.checkpoint import CheckpointStore
 from shipyard.config import Settings, forwarded_env
 from shipyard.data import read_manifest
 from shipyard.data.manifest import check_shards
-from shipyard.errors import DataError, UserError
+from shipyard.errors import DataError, UserError, chain
+from shipyard.run.records import RunSnapshot
 from shipyard.runtime.ray_adapter import loopback_only
 from shipyard.spec import JobSpec
 
@@ -29,7 +30,7 @@ POLL_S = 1.0  # the driver shares the machine with the workers: poll gently
 class RunResult:
     ok: bool
     seconds: float
-    snapshot: dict = field(default_factory=dict)
+    snapshot: RunSnapshot = field(default_factory=RunSnapshot)
     error: str | None = None
     user_error: bool = False
 
@@ -142,7 +143,7 @@ def _on_this_node():
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
+def launch(spec: JobSpec, on_progress: Callable[[RunSnapshot], None] = lambda s: None,
            settings: Settings | None = None) -> RunResult:
     from shipyard.runtime.progress import ProgressBoard
 
@@ -165,7 +166,6 @@ def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
         t0 = time.monotonic()
         thread = threading.Thread(target=fit, name="shipyard-fit", daemon=True)
         thread.start()
-        snapshot: dict = {}
         while thread.is_alive():
             thread.join(POLL_S)
             snapshot = ray.get(board.snapshot.remote())
@@ -175,8 +175,8 @@ def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
         if "error" in outcome:
             message, is_user = explain(outcome["error"])
             return RunResult(False, seconds, snapshot, message, is_user)
-        if snapshot.get("exhausted"):
-            return RunResult(False, seconds, snapshot, snapshot["exhausted"], snapshot.get("user_error", False))
+        if snapshot.exhausted:
+            return RunResult(False, seconds, snapshot, snapshot.exhausted, snapshot.user_error)
         return RunResult(True, seconds, snapshot)
     finally:
         if started_ray:
@@ -184,20 +184,11 @@ def launch(spec: JobSpec, on_progress: Callable[[dict], None] = lambda s: None,
 
 
 def explain(error: BaseException) -> tuple[str, bool]:
-    """The root cause of a failed run, and whether it is the user's to fix."""
-    seen: list[BaseException] = []
-    stack = [error]
-    while stack:
-        e = stack.pop()
-        if e is None or e in seen:
-            continue
-        seen.append(e)
+    """The root cause of a failed run, and whether it is the user's to fix: the first
+    :class:`UserError` in the error's chain, else the last exception the chain reaches."""
+    root = error
+    for e in chain(error):
         if isinstance(e, UserError):
             return str(e), True
-        for attr in ("worker_failures", "failures"):
-            failures = getattr(e, attr, None)
-            if isinstance(failures, dict):
-                stack.extend(failures.values())
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    root = seen[-1] if seen else error
+        root = e
     return f"{type(root).__name__}: {root}", False

@@ -40,6 +40,8 @@ import torch.distributed as dist
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
 
+from shipyard.errors import chain
+from shipyard.run.records import GenerationState
 from shipyard.runtime import preemption
 from shipyard.runtime.ray_adapter import replica_groups
 
@@ -112,17 +114,17 @@ def form(board, rank: int, world: int, backend: str, timeout_s: float) -> int | 
     while True:
         master = address_and_port() if rank == 0 else None
         number = ray.get(board.join.remote(rank, world, master))
-        while (state := ray.get(board.formed.remote(number))) is None:
+        while (answer := ray.get(board.formed.remote(number))) is None:
             if time.monotonic() - last_log > WAIT_LOG_S:
                 last_log = time.monotonic()
                 log.info("rank %d: waiting %.0fs for the other ranks to join process group %d",
                          rank, last_log - since, number)
             time.sleep(POLL_S)
-        if "refused" in state:
+        if answer.state is GenerationState.REFUSED:
             return None
-        if "superseded" in state:  # it broke again before it formed: join the next one
+        if answer.superseded:  # it broke again before it formed: join the next one
             continue
-        address, port = state["master"]
+        address, port = answer.master
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
         return number
@@ -136,18 +138,6 @@ def leave() -> None:
 
 def is_peer_loss(error: BaseException) -> bool:
     """Whether ``error`` says a peer of this rank's process group is gone (rather than this rank's
-    own failure): a torch.distributed error, or gloo's, anywhere in its chain of causes."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        e = stack.pop()
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "/gloo/" in str(e)):
-            return True
-        failures = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> (exception, traceback)
-        if isinstance(failures, dict):
-            stack.extend(f[0] if isinstance(f, tuple) else f for f in failures.values())
-        stack.extend([e.__cause__, e.__context__])
-    return False
+    own failure): a torch.distributed error, or gloo's, anywhere in its chain (``errors.chain``)."""
+    return any(isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "/gloo/" in str(e))
+               for e in chain(error))

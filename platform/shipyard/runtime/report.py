@@ -14,7 +14,7 @@ The server being down never fails the job: a failed post is retried with the nex
 
 Stop requests: the backend stops a run by signalling the driver: SIGINT from Ray's ``stop_job``
 (the ray backend sets ``RAY_JOB_STOP_SIGNAL=SIGINT``: a Ray driver's core worker installs a C++
-SIGTERM handler that exits at once), SIGTERM from a pod's deletion. The handler is installed at
+SIGTERM handler that exits at once), SIGTERM from a pod's deletion. The handler (which only notes the time and starts a thread) is installed at
 the first progress callback, i.e. after ``ray.init``. The workers are other processes, started by
 Ray, so the driver sends SIGTERM to every training worker of its Ray job (:func:`signal_workers`); each turns it into a
 checkpoint (:mod:`shipyard.runtime.preemption`). Once an attempt has ended ``preempted`` after the
@@ -22,12 +22,10 @@ notice (the checkpoint is committed), or ``preemption_grace_s`` has passed, the 
 status 143, as SIGTERM would have made it. A spec without a checkpoint has nothing to save: the
 driver exits at once.
 
-Outcome: the last report carries how the run ended as a :class:`RunOutcome`, decided here from
-what the driver saw, so that the server never has to infer it from attempts or text. A run is
-``finished`` only when the training function returned without a stop request, or when it trained
-to the end of its data although one arrived (a stop that reaches a run writing its last step);
-a run that returned after a stop request without reaching the end is ``stopped``, and the server
-requeues it from its latest checkpoint.
+Outcome: the last report carries how the run ended as a :class:`~shipyard.run.records.RunOutcome`,
+decided here from what the driver saw (:func:`shipyard.run.decide.outcome_of`), so that the server
+never has to infer it from attempts or text. Reports are :class:`~shipyard.run.records.DriverReport`
+records with a schema version; a server that refuses them (4xx) is told once, and not again.
 """
 
 from __future__ import annotations
@@ -40,9 +38,10 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from enum import Enum
-from typing import Any, Iterator
+from typing import Iterator
 
+from shipyard.run.decide import outcome_of
+from shipyard.run.records import REPORT_SCHEMA, AttemptKind, DriverReport, MetricPoint, OutcomeReport, RunOutcome, RunSnapshot
 from shipyard.runtime.ray_adapter import TRAIN_WORKER_CLASS
 from shipyard.spec import JobSpec
 
@@ -53,35 +52,6 @@ MAX_BUFFERED_POINTS = 2000
 EXIT_PREEMPTED = 128 + signal.SIGTERM
 
 
-class RunOutcome(str, Enum):
-    """How one run (one submission to a backend) ended, in the driver's own word."""
-
-    FINISHED = "finished"  # trained to the end (or the user's function returned with no stop requested)
-    PREEMPTED = "preempted"  # stopped on request after committing a checkpoint: resume from it
-    STOPPED = "stopped"  # stopped on request without reaching the end (and maybe without a checkpoint)
-    FAILED = "failed"
-    USER_ERROR = "user_error"
-
-
-def trained_to_end(snapshot: dict) -> bool:
-    """Whether a board snapshot shows the data exhausted: the newest attempt ended ``finished``
-    at the final step (``total`` is the step at which the data runs out, counted across restores)."""
-    attempts = snapshot.get("attempts") or []
-    step, total = int(snapshot.get("step") or 0), int(snapshot.get("total") or 0)
-    return bool(attempts) and attempts[-1].get("kind") == "finished" and total > 0 and step >= total
-
-
-def outcome_of(snapshot: dict, *, ok: bool, user_error: bool, stop_requested: bool) -> RunOutcome:
-    """The outcome of a run the driver saw end by itself (not through its stop handler)."""
-    if not ok:
-        return RunOutcome.USER_ERROR if user_error else RunOutcome.FAILED
-    if stop_requested and not trained_to_end(snapshot):
-        # Returned after a stop request without exhausting the data (the attempt Ray Train opened
-        # after the preemption, a loop that returned early): not a run that finished.
-        return RunOutcome.STOPPED
-    return RunOutcome.FINISHED
-
-
 class Session:
     """One submitted run's reporting and stop handling (a no-op one when ``url`` is None)."""
 
@@ -89,21 +59,21 @@ class Session:
                  interval_s: float = REPORT_S):
         self.spec, self.url, self.token, self.submission = spec, url, token, submission
         self.interval_s = interval_s
-        self._lock = threading.RLock()  # re-entered when the stop handler finishes on the main thread
-        self._latest: dict = {}
-        self._points: list[tuple[int, float, dict]] = []
-        self._last_point_step: int | None = None
-        self._last_point_values: dict = {}
-        self._events_sent = 0
+        self._lock = threading.Lock()  # never taken by the signal handler (it only starts a thread)
+        self._latest = RunSnapshot()
+        self._points: list[MetricPoint] = []
+        self._last_point: tuple[int, dict] | None = None
+        self._events_sent = 0  # counted over the run (RunSnapshot.events_total), not the board's window
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.notice_at: float | None = None
         self._warned = False
+        self._refused = False  # the server refused our reports for good (4xx): stop sending
         self._armed_after_init = False
         # One post at a time (the reporting thread and finish() would send the same events twice),
         # and one finish: the first outcome decided is the one reported.
-        self._post_lock = threading.RLock()
-        self._finish_lock = threading.RLock()
+        self._post_lock = threading.Lock()
+        self._finish_lock = threading.Lock()
         self.outcome: RunOutcome | None = None
 
     @property
@@ -112,7 +82,7 @@ class Session:
 
     # -- progress --------------------------------------------------------------------------------
 
-    def update(self, snapshot: dict) -> None:
+    def update(self, snapshot: RunSnapshot) -> None:
         """Called by the launcher with each board snapshot (on the driver's main thread)."""
         if not self.active:
             return
@@ -124,15 +94,14 @@ class Session:
             self._armed_after_init = True
         with self._lock:
             self._latest = snapshot
-            step = int(snapshot.get("step") or 0)
             # A diverged loss is NaN or inf, which JSON cannot carry: sent as null (a gap in the chart).
-            metrics = {k: (v if math.isfinite(v) else None) for k, v in (snapshot.get("metrics") or {}).items()
-                       if isinstance(v, (int, float))}
+            values = {k: (float(v) if math.isfinite(v) else None) for k, v in snapshot.metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             # A new point per new step, and one more at the same step when the values changed
             # there (what the loop measured up to its last step, an evaluation after it).
-            if metrics and (step != self._last_point_step or metrics != self._last_point_values):
-                self._points.append((step, time.time(), metrics))
-                self._last_point_step, self._last_point_values = step, metrics
+            if values and (snapshot.step, values) != self._last_point:
+                self._points.append(MetricPoint(step=snapshot.step, at=time.time(), values=values))
+                self._last_point = (snapshot.step, values)
                 if len(self._points) > MAX_BUFFERED_POINTS:  # the server is away: thin, keep the shape
                     del self._points[1:-1:2]
         if self.notice_at is not None:
@@ -148,28 +117,37 @@ class Session:
         while not self._stop.wait(self.interval_s):
             self.post()
 
-    def post(self, outcome: dict | None = None) -> bool:
+    def post(self, outcome: OutcomeReport | None = None) -> bool:
         """Send what is new since the last successful post; returns whether it was delivered."""
         with self._post_lock:
             return self._post(outcome)
 
-    def _post(self, outcome: dict | None) -> bool:
+    def _post(self, outcome: OutcomeReport | None) -> bool:
         import httpx
 
+        if self._refused:
+            return True
         with self._lock:
-            snap = dict(self._latest)
+            snap = self._latest
             points = list(self._points)
-            events = list(snap.get("events") or [])[self._events_sent:]
-        attempts = snap.get("attempts") or []
+        unsent = snap.events_total - self._events_sent
+        events = snap.events[len(snap.events) - min(unsent, len(snap.events)):] if unsent > 0 else []
+        attempts = snap.attempts
         if self.notice_at is not None:  # attempts Ray Train opened after the preemption do not count
-            attempts = [a for a in attempts if a.get("start", 0) < self.notice_at or a.get("kind")]
-        body: dict[str, Any] = {
-            "submission": self.submission, "step": snap.get("step"), "total": snap.get("total"),
-            "checkpoint": snap.get("checkpoint"), "attempts": attempts, "events": events,
-            "metrics": points, "outcome": outcome,
-        }
+            attempts = [a for a in attempts if a.start < self.notice_at or a.kind is not None]
+        report = DriverReport(schema_version=REPORT_SCHEMA, submission=self.submission, step=snap.step, total=snap.total,
+                              checkpoint=snap.checkpoint, attempts=attempts, events=events, metrics=points,
+                              outcome=outcome)
         try:
-            r = httpx.post(self.url, json=body, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+            r = httpx.post(self.url, json=report.to_json(), headers={"Authorization": f"Bearer {self.token}"},
+                           timeout=10)
+            if r.status_code in (400, 401, 403, 404, 413, 422):
+                # Resending the same report cannot help (an expired token, a server of another
+                # schema): say so once, with the server's reason, and stop reporting.
+                self._refused = True
+                log.warning("the server refused this run's progress reports (%s): %s; the run goes on unreported",
+                            r.status_code, r.text[:300])
+                return True
             r.raise_for_status()
         except httpx.HTTPError as e:
             if not self._warned:
@@ -178,10 +156,10 @@ class Session:
             return False
         with self._lock:
             del self._points[:len(points)]
-            self._events_sent += len(events)
+        self._events_sent = snap.events_total
         return True
 
-    def finish(self, ok: bool, error: str | None = None, user_error: bool = False, preempted: bool = False,
+    def finish(self, ok: bool, error: str | None = None, user_error: bool = False,
                kind: RunOutcome | None = None) -> None:
         """Post the last report with the run's outcome. ``kind`` is given by the stop paths; the
         caller that saw the run end by itself (the CLI) leaves it to :func:`outcome_of`. Only the
@@ -193,12 +171,12 @@ class Session:
                 return
             self._stop.set()
             with self._lock:
-                snap = dict(self._latest)
+                snap = self._latest
             if kind is None:
                 kind = outcome_of(snap, ok=ok, user_error=user_error, stop_requested=self.notice_at is not None)
             self.outcome = kind
-            outcome = {"kind": kind.value, "ok": ok, "error": error, "user_error": user_error,
-                       "preempted": preempted, "step": snap.get("step"), "total": snap.get("total")}
+            outcome = OutcomeReport(kind=kind, ok=ok, error=error[:8000] if error else None, step=snap.step,
+                                    total=snap.total)
             for delay in (0, 1, 2, 4):
                 time.sleep(delay)
                 if self.post(outcome):
@@ -213,29 +191,36 @@ class Session:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._on_sigterm())
 
-    def _on_sigterm(self) -> None:
+    def _on_sigterm(self) -> threading.Thread | None:
+        """The signal handler: note the time and hand the rest to a thread. It may interrupt the
+        main thread anywhere (inside a print, holding a lock), so it takes no lock and writes nothing."""
         if self.notice_at is not None:
-            return
+            return None
         self.notice_at = time.time()
-        if self._done_training():
+        thread = threading.Thread(target=self._handle_stop, name="shipyard-stop", daemon=True)
+        thread.start()
+        return thread
+
+    def _handle_stop(self) -> None:
+        if self._latest.trained_to_end():
             print("stop requested, but training has already finished: reporting it", flush=True)
             return  # the launcher is returning: the CLI reports the run FINISHED and exits
         if self.spec.checkpoint is None:
             self.finish(False, "stopped (SIGTERM); the spec has no checkpoint section, so nothing was saved",
-                        preempted=True, kind=RunOutcome.STOPPED)
+                        kind=RunOutcome.STOPPED)
             os._exit(EXIT_PREEMPTED)
         print(f"stop requested (SIGTERM): workers checkpoint, then the job exits "
               f"(grace period {self.spec.checkpoint.preemption_grace_s:g}s)", flush=True)
-        threading.Thread(target=self._forward, name="shipyard-stop", daemon=True).start()
+        self._forward()
 
     def _forward(self) -> None:
         try:
             n = signal_workers()
             print(f"stop: SIGTERM sent to {n} worker process{'es' * (n != 1)}", flush=True)
-            if n == 0 and self._done_training():  # the workers are gone because training ended
+            if n == 0 and self._latest.trained_to_end():  # the workers are gone because training ended
                 return
             if n == 0:  # training has not started: nothing to save
-                self.finish(False, "stopped before training started", preempted=True, kind=RunOutcome.STOPPED)
+                self.finish(False, "stopped before training started", kind=RunOutcome.STOPPED)
                 os._exit(EXIT_PREEMPTED)
         except Exception as e:  # noqa: BLE001 - the grace timer below still ends the run
             print(f"stop: could not signal the workers ({e}); exiting after the grace period", flush=True)
@@ -243,21 +228,13 @@ class Session:
         deadline = time.time() + self.spec.checkpoint.preemption_grace_s + 5
         while time.time() < deadline:
             time.sleep(1)
-        self.finish(False, "stopped: no checkpoint was committed within the grace period", preempted=True,
-                    kind=RunOutcome.STOPPED)
+        self.finish(False, "stopped: no checkpoint was committed within the grace period", kind=RunOutcome.STOPPED)
         os._exit(EXIT_PREEMPTED)
 
-    def _done_training(self) -> bool:
-        # No lock: this runs in the signal handler, which may interrupt the main thread inside
-        # update(); ``_latest`` is only ever replaced whole, so reading the reference is safe.
-        return trained_to_end(self._latest)
-
-    def _exit_if_stopped(self, snapshot: dict) -> None:
-        done = [a for a in snapshot.get("attempts") or []
-                if a.get("kind") == "preempted" and (a.get("end") or 0) >= self.notice_at]
-        if done:
-            print(f"stop: checkpoint committed ({snapshot.get('checkpoint')}); exiting", flush=True)
-            self.finish(False, "preempted: checkpoint committed", preempted=True, kind=RunOutcome.PREEMPTED)
+    def _exit_if_stopped(self, snapshot: RunSnapshot) -> None:
+        if any(a.kind is AttemptKind.PREEMPTED and (a.end or 0) >= self.notice_at for a in snapshot.attempts):
+            print(f"stop: checkpoint committed ({snapshot.checkpoint}); exiting", flush=True)
+            self.finish(False, "preempted: checkpoint committed", kind=RunOutcome.PREEMPTED)
             os._exit(EXIT_PREEMPTED)
 
 
@@ -304,8 +281,8 @@ def session(spec: JobSpec, env: dict[str, str] | None = None) -> Iterator[Sessio
     yield s
 
 
-def chain(*callbacks: Callable[[dict], None]) -> Callable[[dict], None]:
-    def call(snapshot: dict) -> None:
+def chain(*callbacks: Callable[[RunSnapshot], None]) -> Callable[[RunSnapshot], None]:
+    def call(snapshot: RunSnapshot) -> None:
         for cb in callbacks:
             cb(snapshot)
     return call

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from shipyard.errors import UserError
+from shipyard.errors import UserError, first_line
 from shipyard.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -73,21 +73,23 @@ def train_loop(config: dict) -> None:
             train(ctx)
         except BaseException as e:
             if ctx is not None:
-                ctx._reached()  # rank 0's progress reports are up to a second old: say how far this rank got
+                ctx.reached()  # rank 0's progress reports are up to a second old: say how far this rank got
                 ctx.abandon()
             regroup.leave()
             peer_left = isinstance(e, preemption.Preempted) and not preemption.requested()
             if not (config.get("replace_failed_ranks") and (peer_left or regroup.is_peer_loss(e))):
                 raise
-            log.warning("rank %d: %s; joining the next process group", rank, _first_line(e))
-            ray.get(board.broken.remote(generation, rank, _first_line(e)))
+            cause = _described(e)
+            log.warning("rank %d: %s; joining the next process group", rank, cause)
+            ray.get(board.broken.remote(generation, rank, cause))
             continue
         ctx.close()  # a checkpoint the user took last must be committed before the job ends
-        ctx._push(force=True, event="finished")
+        ctx.finished()
         regroup.leave()
         return
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+def _described(e: BaseException) -> str:
+    """``Type: first line`` (the board records it as the generation's cause)."""
+    line = first_line(e)
+    return line if line == type(e).__name__ else f"{type(e).__name__}: {line}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from shipyard.scheduler.quota import fmt
-from shipyard.scheduler.snapshot import EPS, ZERO, JobRequest, Resources, RunningJob, Snapshot
+from shipyard.scheduler.snapshot import EPS, ZERO, Holding, JobRequest, Resources, RunningJob, Snapshot
 
 Placement = dict[str, int]
 Free = dict[str, Resources]
@@ -89,7 +89,7 @@ def total(free: Mapping[str, Resources]) -> Resources:
     return out
 
 
-UNPLACED = ("ADMITTED", "STARTING")
+UNPLACED = (Holding.ADMITTED, Holding.STARTING)
 
 
 def credit_of(r: RunningJob, nodes: list[str]) -> dict[str, Resources]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from shipyard.scheduler import admission, backfill, preemption, quota
 from shipyard.scheduler.admission import Free, Placement, give
 from shipyard.scheduler.queue import order
-from shipyard.scheduler.snapshot import JobRequest, Resources, RunningJob, Snapshot
+from shipyard.scheduler.snapshot import Holding, JobRequest, Resources, RunningJob, Snapshot
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def decide(snap: Snapshot, policy: Policy = Policy()) -> Decisions:
     node_names = sorted(free.free)
     node_totals = admission.totals(snap)
     usage = quota.usage_by_tenant(snap.running)
-    draining = [r for r in snap.running if r.state == "PREEMPTED"]
+    draining = [r for r in snap.running if r.state is Holding.PREEMPTED]
     head: JobRequest | None = None
     available = free  # after the head is found: free minus the head's reservation
     never: dict[Resources, int] = {}  # worker shape -> workers an empty cluster holds
@@ -102,7 +102,7 @@ def _stop_for_head(head: JobRequest, cap: admission.Capacity, snap: Snapshot, dr
     for r in draining:
         releasing = give(releasing, admission.credit_of(r, node_names))
     base = "waiting: " + admission.shortage(head, cap)
-    starting = [r for r in snap.running if r.state == "STARTING"]
+    starting = [r for r in snap.running if r.state is Holding.STARTING]
     if draining and admission.place(head, give(free, releasing)) is not None:
         names = ", ".join(r.id for r in draining)
         out.reasons[head.id] = f"{base}; preempted jobs {names} are stopping"

@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 
 from shipyard.backends.base import Backend, BackendError, State
-from shipyard.runtime.report import RunOutcome
+from shipyard.run.records import AttemptKind, RunOutcome
 from shipyard.scheduler.decide import Decisions, Policy, decide
 from shipyard.scheduler.leader import RETRY_S as LEADER_RETRY_S, Leadership, Sole
-from shipyard.scheduler.snapshot import JobRequest, Node, Quota, Resources, RunningJob, Snapshot
+from shipyard.scheduler.snapshot import Holding, JobRequest, Node, Quota, Resources, RunningJob, Snapshot
 from shipyard.store import Attempt, Job, JobState, Store
 from shipyard.store.states import IllegalTransition
 
@@ -42,19 +42,6 @@ POLLED = (S.ADMITTED, S.RUNNING, S.RESTARTING, S.PREEMPTED)
 SUBMIT_GIVE_UP_S = 300.0  # a backend refusing a submit this long fails the job
 SUBMIT_RETRY_S = 5.0
 STARTING_MAX_S = 120.0  # a run without a reported attempt counts as unplaced this long at most
-
-
-def run_state(attempts: list[dict]) -> JobState | None:
-    """RUNNING or RESTARTING from a driver's attempts: restarting while the newest attempt has
-    ended (the group is being restarted) or is a restart that has not reached its first step."""
-    if not attempts:
-        return None
-    last = attempts[-1]
-    if last.get("end") is not None:
-        return None if last.get("kind") == "finished" else S.RESTARTING
-    if len(attempts) > 1 and last.get("recovery_s") is None:
-        return S.RESTARTING
-    return S.RUNNING
 
 
 def run_finished(outcome: RunOutcome | None, attempts: list[Attempt], total_steps: int | None,
@@ -69,7 +56,7 @@ def run_finished(outcome: RunOutcome | None, attempts: list[Attempt], total_step
     if backend is State.SUCCEEDED:
         return True
     last = attempts[-1] if attempts else None
-    return (last is not None and last.ended_at is not None and last.kind == "finished"
+    return (last is not None and last.ended_at is not None and last.kind is AttemptKind.FINISHED
             and bool(total_steps) and (last.last_step or 0) >= total_steps)
 
 
@@ -86,7 +73,7 @@ def settle_finished(store: Store, job: Job, why: str = "the run finished before 
     try:
         if state in (S.ADMITTED, S.RESTARTING):  # no edge from these to SUCCEEDED
             state = store.transition(job.id, state, S.RUNNING).state
-        store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
+        store.close_run(job.id, job.backend_handle, kind=AttemptKind.FINISHED, cause="finished")
         store.transition(job.id, state, S.SUCCEEDED, cause="finished", message=why)
     except IllegalTransition as e:  # the loop (or another cancel) moved it first
         log.info("%s", e)
@@ -161,7 +148,8 @@ class SchedulerLoop:
         jobs = self.store.active_jobs()
         queued = tuple(request_of(j) for j in jobs if j.state is S.QUEUED)
         starting = self._starting([j for j in jobs if j.state is S.RUNNING and j.backend_handle])
-        running = tuple(RunningJob(request_of(j), "STARTING" if j.id in starting else j.state.value, j.started_at)
+        running = tuple(RunningJob(request_of(j), Holding.STARTING if j.id in starting else Holding(j.state.value),
+                                   j.started_at)
                         for j in jobs if j.state.holds_resources)
         tenants = self.store.list_tenants()
         quotas = {t.name: Quota(t.max_gpus, t.max_cpus, t.max_running_jobs) for t in tenants}
@@ -271,21 +259,21 @@ class SchedulerLoop:
             return
         if job.state is S.PREEMPTED:  # the run stopped (or ended) after the preemption notice
             if self._finished(job, st):
-                self.store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
+                self.store.close_run(job.id, job.backend_handle, kind=AttemptKind.FINISHED, cause="finished")
                 self._move(job, S.PREEMPTED, S.SUCCEEDED, cause="finished",
                            message="the run finished before the preemption stopped it")
                 return
-            self.store.close_run(job.id, job.backend_handle, kind="preempted", cause="preempted")
+            self.store.close_run(job.id, job.backend_handle, kind=AttemptKind.PREEMPTED, cause="preempted")
             self._requeue(job, "preempted")
             return
         if self._finished(job, st):  # also a driver that said it finished, then died on its way out
-            self.store.close_run(job.id, job.backend_handle, kind="finished", cause="finished")
+            self.store.close_run(job.id, job.backend_handle, kind=AttemptKind.FINISHED, cause="finished")
             self._finish(job, S.SUCCEEDED, None, None)
         elif st is State.FAILED and status.reason == "NotFound":
             self._lost(job, status.message)
         else:
             cause, message = self._failure(job, status)
-            self.store.close_run(job.id, job.backend_handle, kind="failed", cause=cause)
+            self.store.close_run(job.id, job.backend_handle, kind=AttemptKind.FAILED, cause=cause)
             self._finish(job, S.FAILED, cause, message)
 
     def _finished(self, job: Job, state: State) -> bool:
@@ -306,7 +294,10 @@ class SchedulerLoop:
         return "failed", status.message or status.reason or "the run failed"
 
     def _lost(self, job: Job, message: str) -> None:
-        self.store.close_run(job.id, job.backend_handle, kind="failed", cause="lost")
+        last = max((a.last_step or 0 for a in self.store.attempts(job.id) if a.submission == job.backend_handle),
+                   default=job.last_step or 0)
+        self.store.close_run(job.id, job.backend_handle, kind=AttemptKind.LOST,
+                             cause=f"lost at step {last}: the run vanished with its head")
         requeues = job.requeues
         if requeues >= self.max_requeues:
             self._finish(job, S.FAILED, "lost", f"{message}; requeued {requeues} times already")

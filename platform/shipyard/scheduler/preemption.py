@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 
 from shipyard.scheduler.admission import Free, credit_of, give, place
-from shipyard.scheduler.snapshot import JobRequest, Resources, RunningJob
+from shipyard.scheduler.snapshot import Holding, JobRequest, Resources, RunningJob
 
-PREEMPTIBLE = ("ADMITTED", "STARTING", "RUNNING")
+PREEMPTIBLE = (Holding.ADMITTED, Holding.STARTING, Holding.RUNNING)
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -34,7 +34,7 @@ def may_preempt(head: JobRequest, victim: JobRequest, tenant_priority: Mapping[s
 
 
 def _victim_key(r: RunningJob, tenant_priority: Mapping[str, int]) -> tuple:
-    not_started = r.state == "ADMITTED" or r.started_at is None
+    not_started = r.state is Holding.ADMITTED or r.started_at is None
     # Latest start first: negate via ordering on (not_started desc, started_at desc).
     started = r.started_at or _EPOCH
     return (tenant_priority.get(r.job.tenant, 0), r.job.priority, not not_started, -started.timestamp(), r.id)

@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 EPS = 1e-9
@@ -108,6 +109,16 @@ class JobRequest:
         return cls(id, tenant, priority, submitted_at, w.count, Resources(w.cpus, w.gpus, memory), seq)
 
 
+class Holding(str, Enum):
+    """What a job holding resources is doing, as the scheduler sees it."""
+
+    ADMITTED = "ADMITTED"  # admitted, not submitted or not placed yet: subtracted from free capacity
+    STARTING = "STARTING"  # RUNNING in the store, but no attempt reported: its workers may not be placed
+    RUNNING = "RUNNING"
+    RESTARTING = "RESTARTING"
+    PREEMPTED = "PREEMPTED"  # draining: stopping after its checkpoint; its resources come back soon
+
+
 @dataclass(frozen=True)
 class RunningJob:
     """A job holding (or about to hold) resources.
@@ -120,9 +131,12 @@ class RunningJob:
     """
 
     job: JobRequest
-    state: str = "RUNNING"
+    state: Holding = Holding.RUNNING
     started_at: datetime | None = None
     placement: Mapping[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", Holding(self.state))  # also from the store's state names
 
     @property
     def id(self) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from shipyard.run.records import AttemptKind
 from shipyard.store import models
 from shipyard.store.states import JobState
 
@@ -43,10 +44,11 @@ class Token:
     label: str | None
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = None  # None: never expires
 
     @classmethod
     def of(cls, row: models.Token) -> "Token":
-        return cls(row.id, row.tenant, row.admin, row.label, row.created_at, row.revoked_at)
+        return cls(row.id, row.tenant, row.admin, row.label, row.created_at, row.revoked_at, row.expires_at)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Attempt:
     steps_lost: int | None
     submission: str | None = None
     run_number: int | None = None
-    kind: str | None = None
+    kind: AttemptKind | None = None
     start_step: int | None = None
     committed_step: int | None = None
     recovery_s: float | None = None
@@ -99,7 +101,8 @@ class Attempt:
     @classmethod
     def of(cls, row: models.Attempt) -> "Attempt":
         return cls(row.job_id, row.number, row.started_at, row.ended_at, row.cause, row.last_step, row.steps_lost,
-                   row.submission, row.run_number, row.kind, row.start_step, row.committed_step, row.recovery_s)
+                   row.submission, row.run_number, AttemptKind(row.kind) if row.kind else None, row.start_step,
+                   row.committed_step, row.recovery_s)
 
 
 @dataclass(frozen=True)

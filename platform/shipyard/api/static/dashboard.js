@@ -134,12 +134,15 @@
         el("td", {}, el("span", {class: "state kind-" + kind, style: "color:#fff"}, kind)), el("td", {class: "cause"}, a.cause || ""),
         el("td", {}, fmt(a.committed_step)), el("td", {}, fmt(a.steps_lost)),
         el("td", {}, a.recovery_s === null || a.recovery_s === undefined ? "" : a.recovery_s.toFixed(1) + "s"),
-        el("td", {title: a.started_at}, age(a.started_at) + " ago"), el("td", {class: "muted"}, a.run || ""));
+        el("td", {title: a.started_at}, age(a.started_at) + " ago"),
+        el("td", {class: "muted", title: a.run || ""}, a.run_number ? "run " + a.run_number : ""));
     });
     const failures = attempts.filter((a) => a.kind && a.kind !== "finished").length;
     const lost = attempts.reduce((n, a) => n + (a.steps_lost || 0), 0);
-    return el("div", {id: "attempts", "data-attempts": attempts.length, "data-failures": failures},
-      el("p", {class: "muted"}, attempts.length + " attempt(s), " + failures + " interrupted, " + lost + " steps lost"),
+    const runs = (job.runs || []).length;
+    return el("div", {id: "attempts", "data-attempts": attempts.length, "data-failures": failures, "data-runs": runs},
+      el("p", {class: "muted"}, (runs > 1 ? runs + " runs, " : "") + attempts.length + " attempt(s), " + failures +
+        " interrupted, " + lost + " steps lost"),
       el("div", {class: "timeline"}, bars),
       el("table", {}, el("thead", {}, el("tr", {}, ["#", "steps", "ended", "cause", "committed", "lost", "recovery", "started", "run"]
         .map((h) => el("th", {}, h)))), el("tbody", {}, rows)));

@@ -1,4 +1,6 @@
-"""Session-wide real services: one moto S3 server over HTTP and one Ray head, both on 127.0.0.1.
+"""Session-wide real services: one moto S3 server over HTTP and one Ray head, both on 127.0.0.1,
+and one `shipyard server` on that head for the tests that need a running server but not a fresh
+one (each of them is a tenant of its own there).
 
 Tests that claim S3 behaviour talk to the moto server through s3fs/botocore over HTTP, as
 s3fs's own test suite does; nothing is patched in-process.
@@ -16,10 +18,12 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_CPUS = 4  # logical CPUs; Ray resources are not pinned to cores
+EXE = str(Path(sys.executable).parent / "shipyard")
 
 
 def free_port() -> int:
@@ -146,6 +150,126 @@ def shipyard(cli_env):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# -- `shipyard server` -------------------------------------------------------------------------
+
+class Server:
+    """``shipyard server`` in a subprocess. Its ``default`` tenant may write under ``roots``
+    (local storage allowed) and read ``read_only``; every job URI must lie under one of them."""
+
+    def __init__(self, data_dir: Path, ray_address: str, env: dict, roots: tuple[Path, ...] = (),
+                 read_only: tuple[Path, ...] = (), args: tuple[str, ...] = ()):
+        self.data_dir, self.ray_address, self.env = data_dir, ray_address, env
+        self.roots, self.read_only, self.args = roots, read_only, args
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.logs = data_dir.parent / f"server-{self.port}.log"
+
+    def _grant(self) -> None:
+        from shipyard.store import Store
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with Store.open(None, data_dir=self.data_dir) as store:
+            store.create_tenant("default", exist_ok=True)
+            store.set_storage("default", [(str(r), True) for r in self.roots] + [(str(r), False) for r in self.read_only])
+
+    def start(self) -> "Server":
+        if self.proc is None and (self.roots or self.read_only):
+            self._grant()
+        log = open(self.logs, "a")
+        self.proc = subprocess.Popen([EXE, "server", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                                      "--ray-address", self.ray_address, "--interval", "0.5",
+                                      "--allow-local-storage", *self.args],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.logs.read_text()
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(self.logs.read_text())
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(30)
+        return self.proc.returncode
+
+
+class Tenant:
+    """A tenant of its own on a running :class:`Server`, created as `shipyard admin create-tenant`
+    and `create-token` do (in the server's store), seen through its own token: not an admin, so
+    it lists, reads and cancels only its own jobs, and its packages are its own. It may write
+    under ``roots`` and read ``read_only``. ``env`` is for the CLI it runs. Everything else (url,
+    port, proc, data_dir, logs, start, kill9, ...) is the server's."""
+
+    def __init__(self, server: Server, env: dict, roots: tuple[Path, ...], read_only: tuple[Path, ...] = ()):
+        from shipyard.store import Store
+
+        self.server, self.env = server, env
+        self.name = f"t-{uuid.uuid4().hex[:12]}"
+        with Store.open(None, data_dir=server.data_dir) as store:
+            store.create_tenant(self.name, storage_roots=[(str(r), True) for r in roots] + [(str(r), False) for r in read_only])
+            self.token, _ = store.create_token(self.name, label="test")
+
+    def __getattr__(self, name: str):
+        return getattr(self.server, name)
+
+    def cancel_active(self) -> None:
+        """Cancel this tenant's jobs that have not ended, so that none holds the cluster after its test."""
+        from shipyard.client import ApiError, Client
+
+        if self.server.proc.poll() is not None:
+            return
+        with Client(self.server.url, self.token) as client:
+            for job in list(client.iter_jobs(state=["QUEUED", "ADMITTED", "RUNNING", "RESTARTING", "PREEMPTED"])):
+                try:
+                    client.cancel(job["id"])
+                except ApiError as e:
+                    if e.status != 409:  # 409: it ended meanwhile
+                        raise
+
+
+SERVER_SECRET = "leak-me-if-you-can-7f3a"  # in the shared server's environment only: no job may see it
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory, ray_address):
+    """One `shipyard server` (SQLite, the session's Ray head, ticks every 0.5 s) for every test that
+    needs a running server but not a fresh one: each is a :class:`Tenant` of its own on it, which
+    keeps their jobs, lists and packages apart (``--shared-ray-trust``: the tenants are these tests').
+    A test that ``kill9``-s it starts it again; :func:`on_shared_server` restarts one left dead.
+    Its environment holds :data:`SERVER_SECRET` twice, which no job may ever see
+    (test_hostile_input). Starting a server costs seconds of CPU; the suite used to start six."""
+    base = tmp_path_factory.mktemp("shared-server")
+    env = {**os.environ, "SHIPYARD_HOME": str(base / "home"), "NO_COLOR": "1", "PYTHONUNBUFFERED": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "SHIPYARD_ADMIN_PASSWORD_OF_THE_SERVER": SERVER_SECRET,
+           "AWS_SECRET_ACCESS_KEY": SERVER_SECRET}
+    env.pop("RAY_ADDRESS", None)
+    server = Server(base / "server", ray_address, env, args=("--shared-ray-trust",)).start()
+    yield server
+    if server.proc.poll() is None:
+        assert server.stop() == 0, server.logs.read_text()[-3000:]
+
+
+def on_shared_server(shared_server: Server, env: dict, roots: tuple[Path, ...], read_only: tuple[Path, ...] = ()) -> Tenant:
+    """A new tenant on the shared server, started again first if an earlier test left it dead."""
+    if shared_server.proc.poll() is not None:
+        shared_server.start()
+    return Tenant(shared_server, env, roots, read_only)
 
 
 # -- databases for the store (SQLite file, and a real PostgreSQL) ------------------------------

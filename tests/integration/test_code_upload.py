@@ -1,7 +1,8 @@
 """The submitter's code reaches the job from the submitter: a real `shipyard server` on the
-session's Ray head, a job directory submitted with the real CLI and deleted as soon as `submit`
-returns (the job still succeeds, from the uploaded package), an unchanged directory that is not
-uploaded again, and an oversized one refused on the client. One job run."""
+session's Ray head (the session's shared one, as a tenant of the test's own), a job directory
+submitted with the real CLI and deleted as soon as `submit` returns (the job still succeeds, from
+the uploaded package), an unchanged directory that is not uploaded again, and an oversized one
+refused on the client. One job run."""
 
 from __future__ import annotations
 
@@ -11,26 +12,31 @@ import shutil
 import httpx
 import pytest
 
-from conftest import REPO
-from test_server import Server, cli
+from conftest import REPO, on_shared_server
+from test_server import cli
 
 pytestmark = pytest.mark.integration
 SOURCE = REPO / "tests" / "integration" / "jobs" / "record_ids"
 
 
 def requests(server, method: str) -> float:
-    """Answered requests to /v1/packages/{digest} by method, from the server's /metrics."""
+    """Answered requests to /v1/packages/{digest} by method since the test began (the server is
+    shared: its /metrics count every earlier test's too), from the server's /metrics."""
+    return answered(server, method) - server.seen[method]
+
+
+def answered(server, method: str) -> float:
     text = httpx.get(server.url + "/metrics", timeout=10).text
     pattern = rf'shipyard_http_requests_total{{method="{method}",route="[^"]*/packages/{{digest}}"[^}}]*}} (\S+)'
     return sum(float(v) for v in re.findall(pattern, text))
 
 
 @pytest.fixture
-def server(tmp_path, ray_address, cli_env, digits_shards):
-    s = Server(tmp_path / "server", ray_address, cli_env, roots=(tmp_path,), read_only=(digits_shards,)).start()
-    yield s
-    if s.proc.poll() is None:
-        assert s.stop() == 0, s.logs.read_text()[-3000:]
+def server(shared_server, tmp_path, cli_env, digits_shards):
+    tenant = on_shared_server(shared_server, cli_env, roots=(tmp_path,), read_only=(digits_shards,))
+    tenant.seen = {m: answered(tenant, m) for m in ("HEAD", "PUT")}
+    yield tenant
+    tenant.cancel_active()
 
 
 def test_the_uploaded_package_runs_after_the_directory_is_deleted(server, digits_shards, tmp_path):

@@ -2,9 +2,11 @@
 a node comes back, the job grows again after a checkpoint. Every epoch still sees every row once.
 The same for DDP and for Horovod (a new Horovod ring at each size).
 
-The cluster is this test's own: a head and a second node (``ray start --address``), one logical
+The cluster is this module's own: a head and a second node (``ray start --address``), one logical
 CPU each, so each node holds exactly one worker. Killing the second node's process group is a node
-going away (its raylet and the worker on it die together)."""
+going away (its raylet and the worker on it die together). Its tests take turns on it: each starts
+on two live nodes with both CPUs free, and leaves two (the node it added in place of the one it
+killed), so a cluster is started once, not once per test."""
 
 from __future__ import annotations
 
@@ -58,11 +60,30 @@ def ray_env(address: str) -> dict:
     return env
 
 
-def alive_nodes(address: str) -> int:
-    out = subprocess.run([sys.executable, "-c", "import ray; ray.init(address=%r, log_to_driver=False); "
-                          "print(sum(n['Alive'] for n in ray.nodes()))" % address],
-                         capture_output=True, text=True, timeout=60, env=ray_env(address))
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+CLUSTER_READY = """
+import sys, time, ray
+address, want, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ray.init(address=address, log_to_driver=False)
+deadline = time.monotonic() + timeout
+while True:
+    alive = sum(n["Alive"] for n in ray.nodes())
+    free = ray.available_resources().get("CPU", 0)
+    if alive == want and free >= want or time.monotonic() > deadline:
+        print(alive, free)
+        break
+    time.sleep(0.2)
+"""
+
+
+def cluster_ready(address: str, nodes: int, timeout: float = 60) -> tuple[int, float]:
+    """Wait until ``nodes`` nodes are alive and all their CPUs (one each) free; returns (alive
+    nodes, free CPUs) as last seen. One driver that polls, not a new process per look."""
+    out = subprocess.run([sys.executable, "-c", CLUSTER_READY, address, str(nodes), str(timeout)],
+                         capture_output=True, text=True, timeout=timeout + 60, env=ray_env(address))
+    if out.returncode != 0:
+        return 0, 0.0
+    alive, free = out.stdout.strip().splitlines()[-1].split()
+    return int(alive), float(free)
 
 
 DRIVER_NODE = """
@@ -94,7 +115,7 @@ def wait_for(predicate, timeout: float, what: str):
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -123,29 +144,45 @@ def effective(rows: list[dict]) -> list[dict]:
     return keep
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The module's cluster: ``(address, nodes, add_node)``; ``nodes`` holds every node started,
+    the killed ones included; all are stopped at the end of the module."""
+    logs = tmp_path_factory.mktemp("elastic-cluster")
     port, dash, agent = free_port(), free_port(), free_port()
     head = Node("head", ["--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-agent-listen-port={agent}"], tmp_path / "head.log")
+                 f"--dashboard-agent-listen-port={agent}"], logs / "head.log")
     address = f"127.0.0.1:{port}"
     nodes = [head]
 
     def add_node() -> Node:
         node = Node(str(len(nodes)), [f"--address={address}", f"--dashboard-agent-listen-port={free_port()}"],
-                    tmp_path / f"node{len(nodes)}.log", env=ray_env(address))
+                    logs / f"node{len(nodes)}.log", env=ray_env(address))
         nodes.append(node)
         return node
 
     try:
         wait_for_port(port, timeout=60)
         wait_for_port(dash, timeout=60)
-        add_node()
-        wait_for(lambda: alive_nodes(address) == 2, 60, "the second node to join")
         yield address, nodes, add_node
     finally:
         for node in reversed(nodes):
             node.kill(signal.SIGTERM, address=address if node is head else None)
+
+
+@pytest.fixture
+def two_nodes(cluster):
+    """The module's cluster as each test needs it: the head and one other live node, both CPUs
+    free (what an earlier test ran has gone). A test that killed a node and failed before adding
+    one back has one added here. Yields ``(address, [head, other], add_node)``."""
+    address, nodes, add_node = cluster
+    assert nodes[0].proc.poll() is None, "the head is gone: an earlier test killed it"
+    if len([n for n in nodes if n.proc.poll() is None]) < 2:
+        add_node()
+    live = [n for n in nodes if n.proc.poll() is None]
+    state = cluster_ready(address, 2)
+    assert state == (2, 2.0), f"(alive nodes, free CPUs) = {state}, not (2, 2.0), before the test"
+    yield address, live, add_node
 
 
 @pytest.mark.parametrize("strategy", [

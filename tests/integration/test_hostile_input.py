@@ -1,4 +1,6 @@
-"""Hostile input against a real `shipyard server` (uvicorn, SQLite) on the session's Ray head.
+"""Hostile input against a real `shipyard server` (uvicorn, SQLite) on the session's Ray head:
+the session's shared one (conftest.shared_server), attacked by a tenant of this module's own
+(not an admin), whose job list must stay empty.
 
 Every case is refused with one JSON error (4xx) within a second; nothing is stored; the server's
 memory stays flat over the whole suite; afterwards an ordinary job is admitted and runs. Then
@@ -8,7 +10,6 @@ store and token files in the data dir are the server user's alone."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import stat
 import time
@@ -17,25 +18,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server import JOB, Server, digits, steps_run  # noqa: F401 - digits is a fixture
+from conftest import SERVER_SECRET as SECRET, on_shared_server
+from test_server import JOB, steps_run
 
 pytestmark = pytest.mark.integration
-SECRET = "leak-me-if-you-can-7f3a"
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, ray_address, digits):  # noqa: F811
+def hostile(tmp_path_factory, shared_server, digits_shards):
+    """The shared server (whose environment holds SECRET as a password and as AWS_SECRET_ACCESS_KEY),
+    seen by this module's own tenant."""
     base = tmp_path_factory.mktemp("hostile")
-    env = {**os.environ, "SHIPYARD_HOME": str(base / "home"), "NO_COLOR": "1", "PYTHONUNBUFFERED": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "SHIPYARD_ADMIN_PASSWORD_OF_THE_SERVER": SECRET,
-           "AWS_SECRET_ACCESS_KEY": SECRET}
-    env.pop("RAY_ADDRESS", None)
-    s = Server(base / "server", ray_address, env, roots=(base / "jobs",), read_only=(digits,)).start()
+    digits = digits_shards / "train"
+    s = on_shared_server(shared_server, {}, roots=(base / "jobs",), read_only=(digits,))
     s.client = httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {s.token}"}, timeout=10)
     s.base, s.digits = base, digits
     yield s
     s.client.close()
-    s.stop()
+    s.cancel_active()
 
 
 def threads(pid: int) -> int:
@@ -188,7 +188,7 @@ def test_after_the_hostile_suite_memory_is_flat_nothing_was_stored_and_a_real_jo
     assert steps_run(out) == list(range(1, 24))
     logs = client.logs(job_id, tail=None)
     assert "environment: " in logs and "SHIPYARD_REPORT_URL=" in logs  # the job did print its environment
-    for leak in (SECRET, "SHIPYARD_ADMIN_PASSWORD_OF_THE_SERVER", hostile.token):
+    for leak in (SECRET, "SHIPYARD_ADMIN_PASSWORD_OF_THE_SERVER", hostile.token, hostile.server.token):
         assert leak not in logs, f"{leak} reached the job"
 
 
@@ -203,7 +203,7 @@ def test_the_servers_files_are_its_users_alone(hostile):
 def test_the_server_refuses_to_put_two_tenants_on_one_ray_cluster_without_the_trust_flag(tmp_path, ray_address):
     import subprocess
 
-    from test_server import EXE
+    from conftest import EXE
     from shipyard.store import Store
 
     data = tmp_path / "server"

@@ -1,95 +1,38 @@
 """The job service end to end: a real `shipyard server` (uvicorn, SQLite) in a subprocess on the
-session's Ray head, jobs submitted with the real CLI, and the server `kill -9`-ed mid-run."""
+session's Ray head, jobs submitted with the real CLI, and the server `kill -9`-ed mid-run.
+
+The server is the session's shared one (conftest.shared_server); each test is a tenant of its
+own on it. The test that kills it starts it again, on the same data dir and port."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import REPO, free_port
+from conftest import EXE, REPO, Server, on_shared_server  # noqa: F401 - Server: test_server_lifecycle imports it from here
 
 pytestmark = pytest.mark.integration
 JOB = str(REPO / "tests" / "integration" / "jobs" / "record_ids" / "job.yaml")
-EXE = str(Path(sys.executable).parent / "shipyard")
-
-
-class Server:
-    """``shipyard server`` in a subprocess. Its ``default`` tenant may write under ``roots``
-    (local storage allowed) and read ``read_only``; every job URI must lie under one of them."""
-
-    def __init__(self, data_dir: Path, ray_address: str, env: dict, roots: tuple[Path, ...] = (),
-                 read_only: tuple[Path, ...] = (), args: tuple[str, ...] = ()):
-        self.data_dir, self.ray_address, self.env = data_dir, ray_address, env
-        self.roots, self.read_only, self.args = roots, read_only, args
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.logs = data_dir.parent / f"server-{self.port}.log"
-
-    def _grant(self) -> None:
-        from shipyard.store import Store
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with Store.open(None, data_dir=self.data_dir) as store:
-            store.create_tenant("default", exist_ok=True)
-            store.set_storage("default", [(str(r), True) for r in self.roots] + [(str(r), False) for r in self.read_only])
-
-    def start(self) -> "Server":
-        if self.proc is None and (self.roots or self.read_only):
-            self._grant()
-        log = open(self.logs, "a")
-        self.proc = subprocess.Popen([EXE, "server", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                                      "--ray-address", self.ray_address, "--interval", "0.5",
-                                      "--allow-local-storage", *self.args],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.logs.read_text()
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(self.logs.read_text())
-
-    @property
-    def token(self) -> str:
-        return (self.data_dir / "admin-token").read_text().strip()
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            return self.proc.wait(30)
-        return self.proc.returncode
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data") / "digits"
-    subprocess.run([EXE, "data", "shard", "sklearn:digits:train", str(data), "--rows-per-shard", "300"],
-                   check=True, capture_output=True)
-    return data
 
 
 @pytest.fixture
-def server(tmp_path, ray_address, cli_env, digits):
-    s = Server(tmp_path / "server", ray_address, cli_env, roots=(tmp_path,), read_only=(digits,)).start()
-    yield s
-    if s.proc.poll() is None:
-        assert s.stop() == 0, s.logs.read_text()[-3000:]
+def digits(digits_shards):
+    """scikit-learn's digits training split in shards of 300 rows (the session's, sharded once)."""
+    return digits_shards / "train"
+
+
+@pytest.fixture
+def server(shared_server, tmp_path, cli_env, digits):
+    """The session's shared server, as a tenant of this test's own (see conftest.Tenant); a job
+    the test leaves running is cancelled after it."""
+    tenant = on_shared_server(shared_server, cli_env, roots=(tmp_path,), read_only=(digits,))
+    yield tenant
+    tenant.cancel_active()
 
 
 def cli(server, *args, timeout=120):
@@ -185,7 +128,8 @@ def test_server_killed_mid_run_reattaches_and_the_job_succeeds_exactly_once(serv
     client = Client(server.url, server.token)
     wait(client, job_id, ("RUNNING",), timeout=120)
     server.kill9()
-    time.sleep(2)  # the run goes on without its server
+    ran = len(steps_run(out)) if (out / "rank0.jsonl").exists() else 0
+    wait_for_steps(out, ran + 1)  # the run goes on without its server
     server.start()  # same data dir: same store and report key
     client = Client(server.url, server.token)
     job = client.wait(job_id, timeout=240, poll_s=0.5)
@@ -211,7 +155,7 @@ def test_cancelling_a_running_job_makes_its_workers_checkpoint_before_the_run_st
     deadline = time.monotonic() + 90
     while "checkpoint committed" not in (text := client.logs(job_id)) or "exiting" not in text:
         assert time.monotonic() < deadline, text[-3000:]
-        time.sleep(1)
+        time.sleep(0.3)
     assert "stop: SIGTERM sent to 2 worker processes" in text
     from shipyard.checkpoint import CheckpointStore
 

@@ -1,6 +1,7 @@
 """Exact resume as a property: interrupted anywhere, resumed at any world size (twice), an epoch
 still yields every row exactly once, and ranks stay in lock-step (same number of batches)."""
 
+import time
 from collections import Counter
 from functools import cache
 
@@ -90,3 +91,29 @@ def test_same_world_resume_matches_uninterrupted_order(dataset):
     for r in range(3):
         mine = full[r * per_rank:(r + 1) * per_rank]
         assert head[r * 40:(r + 1) * 40] + tail[r * (per_rank - 40):(r + 1) * (per_rank - 40)] == mine
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(10, 300), rows_per_shard=st.sampled_from([7, 25, 64, 1000]), batch=st.integers(1, 9),
+       seed=st.integers(0, 1000), world=st.integers(1, 3), epochs=st.integers(1, 2), ready=st.integers(1, 6),
+       cut=st.floats(0, 1))
+def test_resume_with_batches_prepared_ahead_continues_exactly(dataset, rows, rows_per_shard, batch, seed, world,
+                                                              epochs, ready, cut):
+    """The background thread runs up to ``ready`` batches ahead; the state taken between two batches
+    must still be the last one handed out, so the resumed stream yields exactly what is left."""
+    uri = dataset(rows, rows_per_shard)
+    for rank in range(world):
+        kw = dict(batch_size=batch, rank=rank, world=world, seed=seed, epochs=epochs, ready_batches=ready)
+        full = [b["id"].tolist() for b in ShardStream(uri, **kw)]
+        k = int(cut * len(full))
+        s = ShardStream(uri, **kw)
+        it = iter(s)
+        head = [next(it)["id"].tolist() for _ in range(k)]
+        deadline = time.monotonic() + 20
+        while k and s.prefetched < min(ready, len(full) - k) and time.monotonic() < deadline:
+            time.sleep(0.005)  # let it run ahead as far as it may
+        state = s.state_dict()
+        it.close()
+        resumed = ShardStream(uri, **kw)
+        resumed.load_state_dict(state)
+        assert head + [b["id"].tolist() for b in resumed] == full

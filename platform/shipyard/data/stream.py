@@ -16,11 +16,19 @@ yet consumed, and splits them into ``world`` contiguous near-equal parts (:func:
 the epoch still sees every row exactly once. In that resumed epoch ranks may hold one row more
 than others; the extra row goes into the last batch so every rank takes the same number of
 steps. If fewer rows remain than ranks, those few rows are dropped (they cannot be split evenly).
+
+Reading runs ahead of the caller in two stages: ``prefetch`` shards are read in threads, and
+``ready_batches`` batches are assembled from them in one background thread
+(:mod:`shipyard.data.prefetch`), each paired with the position just after it. The stream's
+position changes only when the caller takes a batch, so :meth:`ShardStream.state_dict` always
+describes the last batch handed out, never one merely prepared. Batches are gathered straight
+from the shards' Arrow buffers (:mod:`shipyard.data.gather`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,9 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from shipyard import storage
+from shipyard.data.gather import Piece, Rows, batch_table, fixed_width, gather_batch, read_bytes, to_torch
 from shipyard.data.manifest import Manifest, decode_shard, read_manifest
+from shipyard.data.prefetch import Ahead, wait
 from shipyard.errors import DataError
+
+__all__ = ["ShardStream", "to_torch"]  # to_torch: still importable from here
 
 log = logging.getLogger(__name__)
 
@@ -116,53 +127,71 @@ def repartition(states: list[dict], world: int, batch_size: int) -> tuple[list[l
     return parts, -(-q // batch_size)
 
 
-def to_torch(table: pa.Table) -> dict:
-    """Default collate: one tensor per column; fixed-size lists become 2-D tensors."""
-    import torch
+@dataclass(frozen=True)
+class Position:
+    """Where a rank is: ``consumed`` rows of epoch ``epoch``'s ``owned`` intervals (None: the
+    epoch's fresh layout), which take ``steps`` batches."""
 
-    out = {}
-    for name, col in zip(table.column_names, table.columns):
-        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        # One copy (writable=True): tensors the user may modify in place must not alias the
-        # shard's buffers.
-        if pa.types.is_fixed_size_list(arr.type):
-            values = arr.flatten().to_numpy(zero_copy_only=False, writable=True)
-            out[name] = torch.from_numpy(values.reshape(len(arr), arr.type.list_size))
-        elif pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type):
-            out[name] = torch.from_numpy(arr.to_numpy(zero_copy_only=False, writable=True))
-        else:
-            out[name] = arr.to_pylist()
-    return out
+    epoch: int
+    consumed: int
+    owned: list[Interval] | None
+    steps: int
 
 
 class ShardStream:
-    """Iterates this rank's batches from the current position through the last epoch."""
+    """Iterates this rank's batches from the current position through the last epoch.
+
+    ``prefetch`` shards are read ahead (in threads) and ``ready_batches`` batches assembled
+    ahead (in one background thread; 0: in the caller's thread, when it asks). Whatever runs
+    ahead, :meth:`state_dict` is the position after the last batch handed to the caller.
+    With the default ``collate`` a batch is a dict of tensors (see :mod:`shipyard.data.gather`),
+    fresh ones except with ``shuffle=False``, where a batch inside one shard is a view of it
+    (keeping such a batch keeps its shard's column in memory: clone what you keep).
+    ``pin_memory``: None pins batches when CUDA is in use in this process when iteration starts
+    (on its current device), True requires CUDA, False never pins.
+    """
 
     def __init__(self, dataset: str | Manifest, *, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle: bool = True, epochs: int = 1, drop_remainder: bool = True,
-                 collate: Callable[[pa.Table], object] = to_torch, prefetch: int = 2):
+                 collate: Callable[[pa.Table], object] = to_torch, prefetch: int = 2, ready_batches: int = 4,
+                 pin_memory: bool | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
+        if ready_batches < 0:
+            raise ValueError(f"ready_batches must be >= 0, got {ready_batches}")
+        if pin_memory and not _cuda_available():
+            raise ValueError("pin_memory=True needs CUDA, and torch.cuda.is_available() is False")
         self.manifest = dataset if isinstance(dataset, Manifest) else read_manifest(dataset)
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         self.drop_remainder, self.collate, self.prefetch = drop_remainder, collate, max(1, prefetch)
+        self.ready_batches, self.pin_memory = ready_batches, pin_memory
         self.epoch = 0
         self.consumed = 0  # rows of this rank's share handed out in the current epoch
         self._rows = [s.rows for s in self.manifest.shards]
+        self._names = self.manifest.schema.names
         self._owned: list[Interval] | None = None  # None: the fresh layout of the epoch
         self._steps = 0
+        self._ahead: Ahead | None = None
 
     # -- position -------------------------------------------------------------------------
     def _fresh(self, rank: int, world: int) -> tuple[list[Interval], int]:
         start, stop = rank_range(self.manifest.rows, rank, world, self.drop_remainder)
         return [(start, stop)], -(-(stop - start) // self.batch_size)
 
-    def _layout(self) -> tuple[list[Interval], int]:
-        """This epoch's (owned intervals, steps)."""
-        if self._owned is not None:
-            return self._owned, self._steps
+    def _layout(self, pos: Position | None = None) -> tuple[list[Interval], int]:
+        """The (owned intervals, steps) of ``pos``'s epoch (default: the current position)."""
+        owned, steps = (self._owned, self._steps) if pos is None else (pos.owned, pos.steps)
+        if owned is not None:
+            return owned, steps
         return self._fresh(self.rank, self.world)
+
+    def _next_size(self, pos: Position) -> int:
+        """Rows in the batch after ``pos``: ``batch_size``, except the epoch's last takes the rest."""
+        owned, steps = self._layout(pos)
+        if pos.consumed // self.batch_size < steps - 1:
+            return self.batch_size
+        return sum(hi - lo for lo, hi in owned) - pos.consumed
 
     @property
     def batches_per_epoch(self) -> int:
@@ -211,11 +240,11 @@ class ShardStream:
         return {**state, "owned": [list(iv) for iv in owned], "steps": steps}
 
     # -- reading --------------------------------------------------------------------------
-    def _read(self, seg: Segment, epoch: int) -> pa.Table:
+    def _read(self, seg: Segment, epoch: int) -> Rows:
         uri = self.manifest.shard_uri(seg.shard)
-        fs, path = storage.filesystem(uri)
         try:
-            table = decode_shard(fs.cat_file(path), self.manifest.format)
+            data, ours = read_bytes(uri)
+            table = decode_shard(data, self.manifest.format)
         except FileNotFoundError:
             raise DataError(f"{uri}: shard listed in the manifest is missing") from None
         except (pa.ArrowInvalid, OSError) as e:
@@ -224,70 +253,133 @@ class ShardStream:
             raise DataError(f"{uri}: shard schema differs from the manifest's:\n  {table.schema}\n  vs\n  {self.manifest.schema}")
         if table.num_rows != self._rows[seg.shard]:
             raise DataError(f"{uri}: shard has {table.num_rows} rows, manifest says {self._rows[seg.shard]}")
+        columns = fixed_width(table, ours) if self.collate is to_torch else {}
         order = row_order(table.num_rows, self.seed, epoch, seg.shard, self.shuffle)
-        if order is None:
-            return table.slice(seg.lo, seg.hi - seg.lo)
-        return table.take(pa.array(order[seg.lo:seg.hi]))
+        return Rows(table, order, seg.lo, seg.hi - seg.lo, columns)
 
-    def _plan(self) -> Iterator[tuple[int, Segment]]:
-        """(epoch, segment) for everything left to read, across epoch boundaries."""
-        first = self.epoch
-        for epoch in range(first, self.epochs):
+    def _plan(self, start: Position) -> Iterator[tuple[int, Segment]]:
+        """(epoch, segment) for everything left to read from ``start``, across epoch boundaries."""
+        for epoch in range(start.epoch, self.epochs):
             order = shard_order(len(self._rows), self.seed, epoch, self.shuffle)
-            if epoch == first:
-                owned = take_after(self._layout()[0], self.consumed)
+            if epoch == start.epoch:
+                owned = take_after(self._layout(start)[0], start.consumed)
             else:
                 owned = self._fresh(self.rank, self.world)[0]
             for lo, hi in owned:
                 for seg in segments(self._rows, order, lo, hi):
                     yield epoch, seg
 
-    def _tables(self) -> Iterator[tuple[int, pa.Table]]:
+    def _segments(self, start: Position, stop: threading.Event) -> Iterator[tuple[int, Rows]]:
         """Read the plan ``prefetch`` segments ahead, in threads. One pipeline spans all epochs,
-        so the first shard of the next epoch is already in memory when the current one ends."""
+        so the first shard of the next epoch is already in memory when the current one ends.
+        Waits end when ``stop`` is set (see :mod:`shipyard.data.prefetch`)."""
         pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="shipyard-prefetch")
         pending: deque[tuple[int, Future]] = deque()
         try:
-            for epoch, seg in self._plan():
+            for epoch, seg in self._plan(start):
                 pending.append((epoch, pool.submit(self._read, seg, epoch)))
                 if len(pending) > self.prefetch:
                     epoch, fut = pending.popleft()
-                    yield epoch, fut.result()
+                    yield epoch, wait(fut, stop)
             while pending:
                 epoch, fut = pending.popleft()
-                yield epoch, fut.result()
+                yield epoch, wait(fut, stop)
         finally:
             for _, f in pending:
                 f.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _next_size(self) -> int:
-        """Rows in the next batch: ``batch_size``, except the epoch's last batch takes the rest."""
-        owned, steps = self._layout()
-        length = sum(hi - lo for lo, hi in owned)
-        if self.consumed // self.batch_size < steps - 1:
-            return self.batch_size
-        return length - self.consumed
+    def _assemble(self, start: Position, device: int | None,
+                  stop: threading.Event) -> Iterator[tuple[object, Position]]:
+        """Every batch from ``start`` on, each with the position just after it.
+
+        This runs ahead of the consumer (in :class:`Ahead`'s thread), so it keeps its own
+        position; the stream's fields change only when the consumer takes a batch. A batch is
+        ``batch_size`` rows, except the epoch's last, which takes what the epoch has left (with a
+        repartitioned layout that may be one row more)."""
+        if device is not None:
+            import torch
+
+            torch.cuda.set_device(device)  # pinned memory on the training device, not GPU 0
+        epoch, consumed, owned, steps = start.epoch, start.consumed, start.owned, start.steps
+        pending: deque[Piece] = deque()
+        have = 0
+
+        def cut(n: int) -> list[Piece]:
+            pieces = []
+            while n:
+                seg, a, b = pending[0]
+                k = min(n, b - a)
+                pieces.append((seg, a, a + k))
+                if a + k == b:
+                    pending.popleft()
+                else:
+                    pending[0] = (seg, a + k, b)
+                n -= k
+            return pieces
+
+        def batch(n: int) -> tuple[object, Position]:
+            nonlocal have, consumed
+            pieces = cut(n)
+            have -= n
+            consumed += n
+            if self.collate is to_torch:
+                made = gather_batch(pieces, self._names, pin=device is not None)
+            else:
+                made = self.collate(batch_table(pieces))
+            return made, Position(epoch, consumed, owned, steps)
+
+        for seg_epoch, rows in self._segments(start, stop):
+            if seg_epoch != epoch:  # the previous epoch is done: its last batch, then move on
+                if have:
+                    yield batch(have)
+                epoch, consumed, owned = seg_epoch, 0, None
+            pending.append((rows, 0, rows.count))
+            have += rows.count
+            while have and have >= (size := self._next_size(Position(epoch, consumed, owned, steps))):
+                yield batch(size)
+        if have:
+            yield batch(have)
+
+    def _device(self) -> int | None:
+        """The CUDA device to pin batches for, or None (see ``pin_memory``)."""
+        if self.pin_memory is False or not _cuda_available():
+            return None
+        import torch
+
+        if self.pin_memory is None and not torch.cuda.is_initialized():
+            return None
+        return torch.cuda.current_device()
+
+    @property
+    def prefetched(self) -> int:
+        """Batches assembled ahead of the consumer and waiting (0 without ``ready_batches``)."""
+        return self._ahead.ready if self._ahead is not None else 0
 
     def __iter__(self) -> Iterator[object]:
-        buf: list[pa.Table] = []
-        have = 0
-        for epoch, table in self._tables():
-            if epoch != self.epoch:  # the previous epoch is done: its last batch, then move on
-                if have:
-                    self.consumed += have
-                    yield self.collate(pa.concat_tables(buf))
-                    buf, have = [], 0
-                self.epoch, self.consumed, self._owned = epoch, 0, None
-            buf.append(table)
-            have += table.num_rows
-            while have and have >= (size := self._next_size()):
-                joined = pa.concat_tables(buf) if len(buf) > 1 else buf[0]
-                batch, rest = joined.slice(0, size), joined.slice(size)
-                buf, have = [rest], rest.num_rows
-                self.consumed += batch.num_rows
-                yield self.collate(batch)
-        if have:
-            self.consumed += have
-            yield self.collate(pa.concat_tables(buf))
-        self.epoch, self.consumed, self._owned = self.epochs, 0, None
+        start = Position(self.epoch, self.consumed, self._owned, self._steps)
+        device = self._device()
+        if self.ready_batches:
+            ahead = Ahead(lambda stop: self._assemble(start, device, stop), self.ready_batches, "shipyard-batches")
+            items: Iterator = iter(ahead)
+        else:
+            ahead, items = None, self._assemble(start, device, threading.Event())
+        self._ahead = ahead
+        try:
+            for batch, pos in items:
+                self.epoch, self.consumed, self._owned, self._steps = pos.epoch, pos.consumed, pos.owned, pos.steps
+                yield batch
+            self.epoch, self.consumed, self._owned = self.epochs, 0, None
+        finally:
+            if ahead is not None:
+                ahead.close()
+                if self._ahead is ahead:
+                    self._ahead = None
+            else:
+                items.close()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -17,7 +17,9 @@ from shipyard.data.manifest import MANIFEST, Manifest, ShardInfo
 from shipyard.data.sources import Source
 from shipyard.errors import DataError
 
-# Record batches inside a shard stay small enough to stream a shard piece by piece.
+# Parquet row groups. An Arrow shard is one record batch, so that each of its columns is one
+# buffer the stream gathers rows from directly (shards with several record batches still read,
+# at the cost of one copy per shard to join them: see gather.py).
 RECORD_BATCH_ROWS = 8192
 
 
@@ -29,13 +31,13 @@ def shard_name(i: int, fmt: str = "arrow") -> str:
 
 
 def encode_shard(table: pa.Table, fmt: str) -> pa.Buffer:
-    """One shard's bytes: Arrow IPC file (record batches) or Parquet (row groups) of RECORD_BATCH_ROWS."""
+    """One shard's bytes: an Arrow IPC file of one record batch, or Parquet (row groups of RECORD_BATCH_ROWS)."""
     sink = pa.BufferOutputStream()
     if fmt == "parquet":
         pq.write_table(table, sink, row_group_size=RECORD_BATCH_ROWS)
     else:
         with pa.ipc.new_file(sink, table.schema) as w:
-            for batch in table.to_batches(max_chunksize=RECORD_BATCH_ROWS):
+            for batch in table.combine_chunks().to_batches():
                 w.write_batch(batch)
     return sink.getvalue()
 

@@ -33,11 +33,26 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+FRESH_HELP = ("start from step 0 under a new line of checkpoints in checkpoint.uri (the older ones are kept; "
+              "later runs resume from the new line)")
+
+
+def fresh_start(spec_file: str, set_: list[str]) -> list[str]:
+    """``--set`` overrides plus the new checkpoint line that ``--fresh`` starts."""
+    from shipyard.checkpoint.store import new_line
+    from shipyard.spec import load_spec
+
+    if load_spec(spec_file, set_).checkpoint is None:
+        raise UserError("--fresh: the spec has no checkpoint section, so every run starts at step 0 already")
+    return [*set_, f"checkpoint.line={new_line()}"]
+
+
 @app.command()
 def run(
     spec_file: Annotated[str, typer.Argument(metavar="JOB.yaml", help="the job spec")],
     set_: Annotated[list[str], typer.Option("--set", metavar="FIELD=VALUE",
                                             help="override a spec field, e.g. --set workers.count=4")] = [],
+    fresh: Annotated[bool, typer.Option("--fresh", help=FRESH_HELP)] = False,
 ) -> None:
     """Run a job in the foreground on a local Ray (or RAY_ADDRESS); resumes from its latest checkpoint."""
     from shipyard.config import enable_ray_token_auth
@@ -48,7 +63,7 @@ def run(
     from shipyard.runtime.launcher import launch
     from shipyard.spec import load_spec
 
-    spec = load_spec(spec_file, set_)
+    spec = load_spec(spec_file, fresh_start(spec_file, set_) if fresh else set_)
     w = spec.workers
     console.print(f"[bold]{spec.name}[/bold]: {f'{w.min}-{w.count} (elastic)' if w.elastic else w.count} workers"
                   f" x {w.cpus:g} CPU{f' + {w.gpus:g} GPU' if w.gpus else ''}, strategy {spec.strategy.kind}, "
@@ -235,6 +250,7 @@ def submit(
     file: Annotated[str, typer.Option("-f", "--file", metavar="JOB.yaml", help="the job spec")],
     set_: Annotated[list[str], typer.Option("--set", metavar="FIELD=VALUE", help="override a spec field")] = [],
     follow: Annotated[bool, typer.Option("--follow", help="stream the job's output until it ends")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help=FRESH_HELP)] = False,
     max_package_mb: Annotated[float | None, typer.Option(envvar="SHIPYARD_MAX_PACKAGE_MB", show_envvar=False,
                                                          help="cap on the job directory's code package, MiB "
                                                               "(default: SHIPYARD_MAX_PACKAGE_MB or 100)")] = None,
@@ -245,7 +261,7 @@ def submit(
     from shipyard.client import Client
 
     with Client(url, token, max_package_mb=max_package_mb) as c:
-        job_id = c.submit(file, set_, on_upload=_upload_view)
+        job_id = c.submit(file, fresh_start(file, set_) if fresh else set_, on_upload=_upload_view)
         console.print(job_id, highlight=False)
         if follow:
             _follow(c, job_id)

@@ -36,7 +36,7 @@ def chain(error: BaseException) -> Iterator[BaseException]:
     """``error`` and every exception it carries, each once, depth first.
 
     What an exception carries: ``__cause__``, ``__context__``, a ``cause`` attribute (Ray's task
-    errors), and the per-rank failures that Ray Train (``worker_failures``: rank -> exception) and
+    errors), ``controller_failure`` (Ray Train's ``ControllerError``), and the per-rank failures that Ray Train (``worker_failures``: rank -> exception) and
     DCP's ``CheckpointException`` (``failures``: rank -> exception or (exception, traceback))
     attach. The one walk over them: callers ask what kind of failure this is without knowing
     which library wrapped it how.
@@ -51,7 +51,8 @@ def chain(error: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(e))
         yield e
-        carried: list[object] = [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        carried: list[object] = [e.__cause__, e.__context__, getattr(e, "cause", None),
+                                 getattr(e, "controller_failure", None)]
         for attr in ("worker_failures", "failures"):
             failures = getattr(e, attr, None)
             if isinstance(failures, dict):
@@ -63,3 +64,9 @@ def first_line(e: BaseException) -> str:
     """The first line of ``e``'s message, or its type's name when the message is empty."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def typed_line(e: BaseException) -> str:
+    """``Type: first line`` (``Type`` alone when the exception has no message)."""
+    line = first_line(e)
+    return line if line == type(e).__name__ else f"{type(e).__name__}: {line}"

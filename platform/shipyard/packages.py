@@ -146,6 +146,22 @@ class PackageStore:
         fs, path = self._fs(where)
         return fs.exists(path)
 
+    def read_member(self, tenant: str, digest: str, name: str, max_bytes: int) -> bytes | None:
+        """The bytes of file ``name`` in the tenant's package (None when it has no such file or
+        the file is larger than ``max_bytes``). The zip was checked when it was uploaded."""
+        where = self.path_or_uri(tenant, digest)
+        if self.remote:
+            fs, path = self._fs(where)
+            handle = fs.open(path, "rb")
+        else:
+            handle = open(where, "rb")
+        with handle as f, zipfile.ZipFile(f) as zf:
+            try:
+                info = zf.getinfo(name)
+            except KeyError:
+                return None
+            return zf.read(info) if info.file_size <= max_bytes else None
+
     def staging_dir(self) -> str:
         """A directory for an upload in progress: on the store's own filesystem when local, so
         that :meth:`put` is a rename."""

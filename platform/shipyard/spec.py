@@ -178,6 +178,7 @@ class Checkpoint(_Model):
     keep_last: int | None = Field(3, ge=1, le=10_000, description="committed checkpoints to keep; null keeps all")
     async_upload: bool = Field(True, description="upload in the background; training waits only for a copy to CPU memory")
     preemption_grace_s: float = Field(30.0, gt=0, le=3600, description="after SIGTERM to a worker, seconds to commit a checkpoint before exiting")
+    line: str | None = Field(None, pattern=r"^fresh-\d{8}-\d{6}$", description="a fresh line of checkpoints under uri (set by `run --fresh` / `submit --fresh`): the job starts at step 0 there, the older checkpoints are kept, and later runs of the same uri follow the newest line")
 
 
 class Metrics(_Model):
@@ -218,6 +219,8 @@ class JobSpec(_Model):
     checkpoint: Checkpoint | None = Field(None, description="where and how often to checkpoint; null: no checkpoints, so a restart begins at step 0")
     metrics: Metrics = Field(Metrics(), description="what the platform records besides ctx.report")
     max_failures: int = Field(0, ge=-1, le=10_000, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
+    retry_repeated_errors: bool = Field(False, description="retry an attempt that failed with the same error at the same step as the attempt before it (false: such a failure is deterministic and ends the job at once, whatever max_failures allows)")
+    nan_policy: Literal["fail", "warn", "ignore"] = Field("fail", description="a reported metric (the loss included) that is NaN or infinite: fail the attempt naming the metric and step; warn once per metric and train on; or ignore it")
     restart_in_place: bool = Field(True, description="after a lost rank, start a new process for it alone; the other ranks rejoin in their own processes and run train(ctx) again from the last checkpoint (false: restart every rank; elastic and horovod jobs always do)")
     stall_timeout_s: float | None = Field(600.0, ge=1, le=7 * _DAY, description="a rank that finishes no step for this long fails the attempt (it restarts from the last checkpoint); null turns detection off")
     env: dict[str, str] = Field(default_factory=dict, max_length=256,

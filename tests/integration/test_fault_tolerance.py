@@ -4,6 +4,7 @@ SIGKILLed at random steps, a hung rank, and a bug that no restart fixes."""
 import json
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -88,13 +89,27 @@ def test_hung_rank_is_named_and_the_job_recovers(shipyard, ray_address, digits, 
     assert "finished" in lines[1] and f"->{STEPS}" in lines[1]
 
 
-def test_max_failures_exhausted_fails_the_job_with_the_last_cause(shipyard, ray_address, digits, tmp_path):
+def test_a_bug_that_repeats_at_the_same_step_is_not_retried_whatever_max_failures_allows(
+        shipyard, ray_address, digits, tmp_path):
     out, r = run(shipyard, ray_address, digits, tmp_path, "bug", "--set", "config.fail_at=15",
-                 "--set", "max_failures=1")
+                 "--set", "max_failures=5")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     print(r.stdout[-2500:])
-    assert ("max_failures=1 exhausted: 2 failed attempts (preemptions not counted); the last failed with: "
-            "rank 0: RuntimeError: injected bug at step 15") in r.stdout
+    # (the step the attempts reached: rank 1 may finish step 16 before rank 0's error stops it)
+    assert re.search(r"not retried: attempts 1 and 2 failed the same way at step 1[56] \(rank 0: RuntimeError: "
+                     r"injected bug at step 15\); another attempt would too \(retry_repeated_errors: true retries "
+                     r"it anyway\)", " ".join(r.stdout.split())), r.stdout[-3000:]
     lines = attempt_lines(r.stdout)
     assert len(lines) == 2 and all("failed: rank 0: RuntimeError: injected bug at step 15" in x for x in lines)
+    # Measured for the note: from rank 0's last step to the command's exit (no third worker group).
+    last = max(json.loads(x)["t"] for x in (out / "rank0.jsonl").read_text().splitlines())
+    print(f"exited {time.time() - last:.1f} s after the second failure")
     assert "✗ record-ids failed" in r.stdout  # the user's own traceback (from the worker log) stays visible above
+
+
+def test_a_nan_loss_fails_the_job_naming_the_metric_and_step(shipyard, ray_address, digits, tmp_path):
+    out, r = run(shipyard, ray_address, digits, tmp_path, "nan", "--set", "config.nan_at=12")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"failed: rank 0: NonFiniteMetric: loss is nan at step (1[2-9]|[2-9]\d) \(nan_policy: fail",
+                     r.stdout), r.stdout[-3000:]
+    assert "SUCCEEDED" not in r.stdout and "loss=None" not in r.stdout

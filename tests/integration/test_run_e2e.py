@@ -69,6 +69,20 @@ def test_digits_trains_checkpoints_to_s3_and_resumes(bucket, s3_endpoint, ray_ad
     assert {s for s, _ in scalars["checkpoint_blocked_s"]} >= {100, 200, 300, 345, 400, 690}
     assert scalars["samples_per_s"] and all(v > 0 for _, v in scalars["samples_per_s"])
 
+    # --fresh: step 0 under a new line of checkpoints, the old ones kept; a plain run then
+    # resumes from the new line (one epoch each: 23 steps, then 46).
+    short = common[:8] + ["--set", "dataset.epochs=1"]  # no TensorBoard
+    third = shipyard("run", JOB, *short, "--fresh", env=env)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "restored from checkpoint" not in third.stdout and "step 23/23" in third.stdout
+    line = re.search(r"latest checkpoint: " + re.escape(ckpt) + r"/(fresh-\d{8}-\d{6})/step-000000023", third.stdout)
+    assert line, third.stdout[-2000:]
+    assert fs.exists(f"{bucket}/checkpoints/digits/step-000000690/COMMIT.json")  # nothing deleted
+    assert json.loads(fs.cat_file(f"{bucket}/checkpoints/digits/LINE.json")) == {"line": line.group(1)}
+    fourth = shipyard("run", JOB, *short[:-1], "dataset.epochs=2", env=env)
+    assert fourth.returncode == 0, fourth.stdout + fourth.stderr
+    assert f"restored from checkpoint at step 23 ({ckpt}/{line.group(1)}/step-000000023)" in fourth.stdout
+
 
 def test_missing_dataset_uri_is_named_and_exits_2(bucket, s3_endpoint, shipyard):
     r = shipyard("run", JOB, "--set", f"dataset.uri=s3://{bucket}/absent", "--set", f"checkpoint.uri=s3://{bucket}/ck")

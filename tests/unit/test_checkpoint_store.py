@@ -41,3 +41,39 @@ def test_interrupted_delete_leaves_nothing_visible(tmp_path):
     # A prune that died after removing the commit record but before the files:
     store.fs.rm_file(f"{store.path_for(200)}/{COMMIT}")
     assert store.latest().step == 100
+
+
+# -- lines: `--fresh` --------------------------------------------------------------------------
+
+def test_a_fresh_line_starts_empty_keeps_the_old_checkpoints_and_is_followed_afterwards(tmp_path):
+    import pytest  # noqa: F401
+
+    old = CheckpointStore(str(tmp_path))
+    fake_checkpoint(old, 100)
+    fresh = CheckpointStore(str(tmp_path), line="fresh-20261202-030000")
+    assert fresh.latest() is None and fresh.uri == f"{tmp_path}/fresh-20261202-030000"
+    fresh.follow_here()
+    fake_checkpoint(fresh, 10)
+    assert CheckpointStore(str(tmp_path)).latest().step == 10  # a plain run resumes from the new line
+    assert old.latest().step == 100 and (tmp_path / "step-000000100" / COMMIT).exists()  # nothing deleted
+    fresh.prune(keep_last=1)
+    assert (tmp_path / "step-000000100" / COMMIT).exists()  # retention stays within its line
+
+
+def test_a_requeued_older_line_does_not_take_the_newer_one_back(tmp_path):
+    newer = CheckpointStore(str(tmp_path), line="fresh-20261202-040000")
+    newer.follow_here()
+    CheckpointStore(str(tmp_path), line="fresh-20261202-030000").follow_here()
+    assert CheckpointStore(str(tmp_path)).line == "fresh-20261202-040000"
+
+
+def test_a_line_record_someone_else_wrote_is_refused_naming_the_file(tmp_path):
+    import pytest
+
+    from shipyard.checkpoint.store import LINE
+    from shipyard.errors import CheckpointError
+
+    for body in (b'{"line": "../../other-tenant"}', b"x" * 5000, b"not json", b'["fresh-20261202-030000"]'):
+        (tmp_path / LINE).write_bytes(body)
+        with pytest.raises(CheckpointError, match=r"LINE.json is not a line record shipyard wrote"):
+            CheckpointStore(str(tmp_path))

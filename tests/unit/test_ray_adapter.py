@@ -274,3 +274,38 @@ def test_the_adapter_imports_neither_ray_train_nor_torch():
             " or m == 'ray'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- a run ended on purpose from a callback: its log records dropped -----------------------------
+
+QUIET_USE = "drop the controller's traceback of a run shipyard ends on purpose (attempts.RetryRefused)"
+
+
+@pytest.mark.parametrize("module", ray_adapter.CONTROLLER_LOGGERS)
+def test_the_controller_loggers_are_the_modules_own(module):
+    import logging
+
+    logger = private(module, "logger", QUIET_USE)
+    assert isinstance(logger, logging.Logger) and logger.name == module, tripped(
+        f"{module}.logger", QUIET_USE, f"it is now {logger!r}")
+
+
+def test_quiet_controller_log_drops_only_the_named_error_once_installed_twice():
+    import logging
+
+    class Ended(RuntimeError):
+        pass
+
+    ray_adapter.quiet_controller_log(Ended)
+    ray_adapter.quiet_controller_log(Ended)
+    logger = logging.getLogger(ray_adapter.CONTROLLER_LOGGERS[0])
+    ours = [f for f in logger.filters if getattr(f, "shipyard_drops", None) is Ended]
+    assert len(ours) == 1
+
+    def record(error):
+        return logging.LogRecord("x", logging.ERROR, __file__, 1, "m", None, (type(error), error, None))
+
+    from ray.train.v2.api.exceptions import ControllerError
+
+    assert not ours[0].filter(record(ControllerError(Ended("stop"))))
+    assert ours[0].filter(record(ValueError("a real crash")))

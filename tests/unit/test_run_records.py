@@ -112,6 +112,44 @@ def test_steps_lost_are_known_once_the_next_attempt_restored():
     assert (second.start_step, second.recovery_s) == (50, pytest.approx(2.0))
 
 
+def failed_at(ledger: Ledger, step: int, error: str | None, now: float, cause: str | None = None) -> str | None:
+    """Admit an attempt that resumes from 0, reaches ``step`` and fails with ``error``."""
+    refused = ledger.admit(now)
+    if refused:
+        return refused
+    ledger.restored(0, now)
+    ledger.progress(step, now + 1)
+    ledger.end(now + 2, K.FAILED, cause or f"rank 0: {error}", error)
+    return ledger.refusal()
+
+
+def test_the_same_error_at_the_same_step_twice_is_not_retried_whatever_max_failures_allows():
+    ledger = Ledger(max_failures=10)
+    assert failed_at(ledger, 15, "RuntimeError: injected bug", T0) is None
+    refused = failed_at(ledger, 15, "RuntimeError: injected bug", T0 + 10, cause="rank 1: RuntimeError: injected bug")
+    assert refused == ("not retried: attempts 1 and 2 failed the same way at step 15 (rank 1: RuntimeError: "
+                       "injected bug); another attempt would too (retry_repeated_errors: true retries it anyway)")
+    assert ledger.admit(T0 + 20) == refused and len(ledger.attempts) == 2
+
+
+@pytest.mark.parametrize("second", [
+    (16, "RuntimeError: injected bug"),  # another step
+    (15, "RuntimeError: another message"),  # another message
+    (15, None),  # a dead process (no exception of the job's own): infrastructure, retried
+])
+def test_a_failure_unlike_the_previous_one_is_retried(second):
+    ledger = Ledger(max_failures=10)
+    failed_at(ledger, 15, "RuntimeError: injected bug" if second[1] else None, T0)
+    assert failed_at(ledger, second[0], second[1], T0 + 10) is None
+
+
+def test_retry_repeated_errors_retries_until_max_failures():
+    ledger = Ledger(max_failures=2, retry_repeated=True)
+    for i in range(3):
+        refused = failed_at(ledger, 15, "RuntimeError: injected bug", T0 + 10 * i)
+    assert refused.startswith("max_failures=2 exhausted: 3 failed attempts")
+
+
 def test_a_long_cause_is_clipped_not_refused():
     ledger = Ledger(max_failures=0)
     ledger.admit(T0)

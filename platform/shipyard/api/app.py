@@ -29,6 +29,7 @@ class ApiConfig:
     max_user_priority: int = 100  # priorities above this need an admin token
     max_body_bytes: int = MAX_BODY_BYTES
     storage: "StoragePolicy | None" = None  # None: no storage scopes (tests, embedded use); the server sets one
+    preflight: bool = False  # check entrypoint, storage endpoints and datasets at submit (the server: on)
 
 
 class LimitsAndMetrics:

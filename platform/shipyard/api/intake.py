@@ -62,6 +62,26 @@ def submitted_spec(raw: bytes, content_type: str, *, admin: bool, max_user_prior
     return spec
 
 
+def preflight(spec: JobSpec, packages, tenant: str, *, own_credentials: bool) -> None:
+    """What ``shipyard run`` checks before it starts Ray, at submit (see :mod:`shipyard.preflight`):
+    the entrypoint file in the uploaded package parses and defines the function (parsed, never
+    imported), every storage endpoint answers, the datasets exist. With the server's own S3
+    credentials only: a tenant whose jobs get credentials of their own (its env file) is checked
+    for reachable endpoints, not for buckets and datasets its credentials might read and the
+    server's not."""
+    from shipyard import preflight as checks
+
+    if spec.package and spec.entry_target.endswith(".py") and packages is not None:
+        source = packages.read_member(tenant, spec.package, spec.entry_target, checks.MAX_SOURCE_BYTES)
+        if source is None:
+            raise SpecError(f"entrypoint: {spec.entry_target} is not in the uploaded package {spec.package} "
+                            "(or is over 4 MiB); is the workdir right?")
+        checks.check_entrypoint_source(source, spec.entry_target, spec.entry_function)
+    checks.check_endpoints(spec, buckets_too=not own_credentials)
+    if not own_credentials:
+        checks.check_datasets(spec)
+
+
 def check_storage(spec: JobSpec, policy: StoragePolicy | None, tenant) -> list[StorageRoot] | None:
     """The tenant's roots after checking that every URI of ``spec`` lies under one (403 when
     outside, 422 when malformed); None when the server checks no storage (tests, embedded use)."""

@@ -57,6 +57,9 @@ async def submit(request: Request, who: Caller,
     await routes_packages.require_package(request, who.tenant, spec)
     if cfg.storage is not None:
         intake.check_storage(spec, cfg.storage, await _tenant(request, who.tenant))
+    if cfg.preflight:
+        await run_in_threadpool(intake.preflight, spec, request.app.state.packages, who.tenant,
+                                own_credentials=_has_own_credentials(request, who.tenant))
     # The store's writer thread commits concurrent submits together; this awaits that commit.
     job = await asyncio.wrap_future(request.app.state.store.submit_job(
         who.tenant, spec, priority=spec.priority, idempotency_key=idempotency_key))
@@ -64,6 +67,14 @@ async def submit(request: Request, who: Caller,
     if request.app.state.loop is not None:
         request.app.state.loop.wake()
     return Created(id=job.id, state=job.state.value)
+
+
+def _has_own_credentials(request: Request, tenant: str) -> bool:
+    """Whether the tenant's jobs get S3 credentials of their own (its env file), not the server's."""
+    from shipyard.api.serve import tenant_env
+
+    data_dir = getattr(request.app.state, "data_dir", None)
+    return data_dir is not None and any(k.startswith("AWS_") for k in tenant_env(data_dir, tenant))
 
 
 async def _tenant(request: Request, name: str):
@@ -143,7 +154,7 @@ def _checkpoints(spec: dict) -> tuple[list[CheckpointOut], str | None]:
     from shipyard.checkpoint import CheckpointStore
 
     try:
-        listed = CheckpointStore(uri).list()
+        listed = CheckpointStore(uri, (spec.get("checkpoint") or {}).get("line")).list()
     except Exception as e:  # noqa: BLE001 - storage trouble must not hide the job
         return [], f"cannot list {uri}: {e}"
     out = []

@@ -313,7 +313,8 @@ def serve(opts: ServerOptions, say=print) -> None:
     from shipyard.api.log_archive import LogArchive
 
     app = create_app(store, backend, loop, packages=packages, logs=LogArchive(data_dir / "logs"),
-                     config=ApiConfig(auth=opts.auth, report_key=key, storage=policy))
+                     config=ApiConfig(auth=opts.auth, report_key=key, storage=policy, preflight=True))
+    app.state.data_dir = data_dir  # tenants' env files: whose S3 credentials a job gets (preflight)
     loop.on_tick = app.state.metrics.on_tick
     stop = threading.Event()
     thread = threading.Thread(target=loop.run, args=(stop,), name="shipyard-scheduler", daemon=True)

@@ -120,7 +120,9 @@ def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, s
     try:
         dcp.load(state, storage_reader=FsspecReader(uri, **storage.storage_options(uri)))
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise CheckpointError(f"{uri}: cannot load into this model: {_short(e)}") from None
+        raise CheckpointError(f"{uri}: cannot load into this model: {_short(e)}. If the model changed on "
+                              "purpose, start from step 0 with `shipyard run --fresh` (or `submit --fresh`): "
+                              "a new line of checkpoints; these are kept") from None
     live_groups = get_state_dict(model, optimizer)[1]["param_groups"]
     optim = {**state["optim"], "param_groups": _groups_from_fqn(state["optim"]["param_groups"], live_groups)}
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim)

@@ -3,6 +3,12 @@
 A checkpoint counts only once its ``COMMIT.json`` exists; that file is written after every
 rank finished writing. Retention removes ``COMMIT.json`` first, so a delete interrupted half-way
 leaves an uncommitted directory that :meth:`CheckpointStore.latest` ignores.
+
+Lines: ``checkpoint.uri`` holds the job's checkpoints (``step-NNNNNNNNN/``) and, once a run was
+started with ``--fresh``, lines of their own (``fresh-YYYYmmdd-HHMMSS/step-.../``) and a
+``LINE.json`` naming the newest. A store opened on the URI follows ``LINE.json``; one opened
+with a line uses it (a requeued fresh job keeps its line even after a newer one was started).
+Nothing is deleted to start fresh.
 """
 
 from __future__ import annotations
@@ -16,7 +22,15 @@ from shipyard import storage
 from shipyard.errors import CheckpointError
 
 COMMIT = "COMMIT.json"
+LINE = "LINE.json"  # {"line": "fresh-..."}: the line a store opened on the bare URI follows
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
+_LINE = re.compile(r"^fresh-\d{8}-\d{6}$")
+MAX_LINE_BYTES = 1024
+
+
+def new_line(now: float | None = None) -> str:
+    """A new line's name, from the UTC time (what ``--fresh`` sets as ``checkpoint.line``)."""
+    return time.strftime("fresh-%Y%m%d-%H%M%S", time.gmtime(now))
 
 
 def step_dir(step: int) -> str:
@@ -48,12 +62,48 @@ class Listed:
 
 
 class CheckpointStore:
-    def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
+    """The checkpoints of one line under ``uri`` (``line``, else the one ``LINE.json`` names,
+    else the URI itself); ``self.uri`` and ``self.root`` are that line's."""
+
+    def __init__(self, uri: str, line: str | None = None):
+        self.base_uri = uri.rstrip("/")
         try:
-            self.fs, self.root = storage.filesystem(self.uri)
+            self.fs, self.base_root = storage.filesystem(self.base_uri)
         except ValueError as e:
             raise CheckpointError(f"checkpoint.uri: {e}") from None
+        self.line = line if line is not None else self._followed_line()
+        self.uri = storage.join(self.base_uri, self.line) if self.line else self.base_uri
+        self.root = storage.join(self.base_root, self.line) if self.line else self.base_root
+
+    def _followed_line(self) -> str | None:
+        """The line ``LINE.json`` names (checked: a file in a bucket is anyone's), or None."""
+        path = storage.join(self.base_root, LINE)
+        try:
+            with self.fs.open(path, "rb") as f:
+                raw = f.read(MAX_LINE_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise CheckpointError(f"checkpoint.uri: {self.base_uri}: cannot read {LINE} ({e})") from None
+        try:
+            line = json.loads(raw)["line"] if len(raw) <= MAX_LINE_BYTES else None
+        except (ValueError, KeyError, TypeError):
+            line = None
+        if not isinstance(line, str) or not _LINE.match(line):
+            raise CheckpointError(f"checkpoint.uri: {self.base_uri}/{LINE} is not a line record shipyard wrote "
+                                  f"(expected {{\"line\": \"fresh-YYYYmmdd-HHMMSS\"}}, at most {MAX_LINE_BYTES} bytes)")
+        return line
+
+    def follow_here(self) -> None:
+        """Make this store's line the one later runs of the bare URI follow, unless a newer line
+        already is (a requeued job of an older fresh start must not take it back)."""
+        if not self.line:
+            return
+        current = CheckpointStore(self.base_uri).line
+        if current is not None and current >= self.line:
+            return
+        storage.ensure_dir(self.fs, self.base_root)
+        self.fs.pipe_file(storage.join(self.base_root, LINE), json.dumps({"line": self.line}).encode())
 
     def uri_for(self, step: int) -> str:
         return storage.join(self.uri, step_dir(step))

@@ -84,6 +84,9 @@ class AttemptRecord(_Record):
     end: float | None = None
     kind: AttemptKind | None = None  # None while running
     cause: str | None = Field(None, max_length=MAX_CAUSE_CHARS)  # None when it finished normally
+    # the Python exception that failed it, ``Type: first line`` (None for a dead process, a stall,
+    # a preemption): two attempts in a row with the same one at the same step are not retried
+    error: str | None = Field(None, max_length=MAX_CAUSE_CHARS)
     steps_lost: NonNegative | None = None  # known once the next attempt has restored
 
     @computed_field  # type: ignore[prop-decorator]

@@ -2,24 +2,71 @@
 
 The attempts themselves are kept by the Board's :class:`~shipyard.run.ledger.Ledger`.
 :class:`AttemptsCallback` runs in Ray Train's controller and closes the current attempt with its
-cause (:func:`describe_failure`) before the controller restarts the group.
+cause (:func:`describe_failure`) before the controller restarts the group; when the ledger says
+no further attempt may start, it ends the run there (:class:`RetryRefused`), so that Ray Train
+does not start a worker group only to have it refused.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from ray.train.v2.api.callback import UserCallback
 
-from shipyard.errors import first_line
+from shipyard.errors import first_line, typed_line
 from shipyard.run.ledger import clip
 from shipyard.run.records import AttemptKind
 
+_CUDA_ALLOC = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
+_CPU_ALLOC = re.compile(r"(?:you tried to allocate|tried to allocate) (\d+) bytes")
 
-def describe_failure(worker_exceptions: dict[int, BaseException]) -> tuple[str, AttemptKind]:
-    """What ended an attempt: ``(cause, kind)``, kind one of preempted, user_error, failed.
+
+class RetryRefused(RuntimeError):
+    """Raised in Ray Train's controller to end a run that may not start another attempt (the
+    ledger's refusal is the run's error; see ``launcher.launch``)."""
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """``"CUDA out of memory (tried to allocate 2.00 GiB)"`` and the like when ``e`` is an
+    allocation failure (torch's CUDA or CPU allocator, Python's MemoryError), else None."""
+    text = str(e)
+    if type(e).__name__ == "OutOfMemoryError" and "CUDA" in text or "CUDA out of memory" in text:
+        m = _CUDA_ALLOC.search(text)
+        return "CUDA out of memory" + (f" (tried to allocate {m.group(1)})" if m else "")
+    if "DefaultCPUAllocator: can't allocate memory" in text:
+        m = _CPU_ALLOC.search(text)
+        return "out of CPU memory" + (f" (tried to allocate {_bytes(int(m.group(1)))})" if m else "")
+    if isinstance(e, MemoryError):
+        return "out of CPU memory"
+    return None
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What ended an attempt: the cause people read, its kind, and the exception (``Type: first
+    line``) when a rank raised one of its own (the ledger compares it with the previous attempt's)."""
+
+    cause: str
+    kind: AttemptKind
+    error: str | None = None
+
+
+def describe_failure(worker_exceptions: dict[int, BaseException], step: int | None = None) -> Failure:
+    """What ended an attempt.
 
     When one rank dies the others fail too (a collective's peer is gone), so the cause is chosen:
-    a preemption first, then a user error (a bad spec value found on a worker), then a dead worker
-    process, then the lowest rank's own exception.
+    a preemption first, then a user error (a bad spec value found on a worker), then an
+    allocation failure (named as one, with ``step``, the furthest step the attempt reached, and
+    the size asked for when known), then a dead worker process, then the lowest rank's own exception.
     """
     from ray.exceptions import RayActorError
 
@@ -30,17 +77,35 @@ def describe_failure(worker_exceptions: dict[int, BaseException]) -> tuple[str, 
     errors = {rank: unwrap_worker_error(e) for rank, e in sorted(worker_exceptions.items())}
     for rank, e in errors.items():
         if isinstance(e, Preempted):
-            return clip(str(e)), AttemptKind.PREEMPTED
+            return Failure(clip(str(e)), AttemptKind.PREEMPTED)
     for rank, e in errors.items():
         if isinstance(e, UserError):
-            return clip(str(e)), AttemptKind.USER_ERROR
+            return Failure(clip(str(e)), AttemptKind.USER_ERROR)
     for rank, e in errors.items():
+        oom = out_of_memory(e)
+        if oom is not None:
+            at = f" at step {step}" if step is not None else ""
+            return Failure(clip(f"rank {rank}: {oom}{at}: {typed_line(e)}"), AttemptKind.FAILED, clip(typed_line(e)))
+    for rank, e in errors.items():
+        if type(e).__name__ == "OutOfMemoryError" and type(e).__module__.startswith("ray"):
+            return Failure(clip(f"rank {rank}: killed by Ray's memory monitor (its node ran low on memory)"),
+                           AttemptKind.FAILED)
         if isinstance(e, RayActorError):
             if "its node has died" in str(e):
-                return clip(f"rank {rank}: its node died ({_node_death(e)})"), AttemptKind.FAILED
-            return clip(f"rank {rank}: worker process died ({first_line(e)})"), AttemptKind.FAILED
+                return Failure(clip(f"rank {rank}: its node died ({_node_death(e)})"), AttemptKind.FAILED)
+            return Failure(clip(f"rank {rank}: worker process died ({_death(e)})"), AttemptKind.FAILED)
     rank, e = next(iter(errors.items()))
-    return clip(f"rank {rank}: {type(e).__name__}: {first_line(e)}"), AttemptKind.FAILED
+    return Failure(clip(f"rank {rank}: {typed_line(e)}"), AttemptKind.FAILED, clip(typed_line(e)))
+
+
+def _death(e: BaseException) -> str:
+    """What Ray knows of a worker process's death without a Python error: its exit detail, or
+    (when Ray only saw the connection drop) that it was killed by a signal or crashed."""
+    text = str(e)
+    if "connection error code" in text or "SYSTEM_ERROR" in text or "unexpectedly" in text:
+        return ("no Python error: killed by a signal (SIGKILL, the kernel's OOM killer) or crashed; "
+                "Ray does not know which")
+    return first_line(e)
 
 
 def _node_death(e: BaseException) -> str:
@@ -61,6 +126,12 @@ class AttemptsCallback(UserCallback):
     def after_exception(self, run_context, worker_exceptions) -> None:
         import ray
 
-        cause, kind = describe_failure(worker_exceptions)
+        from shipyard.runtime.ray_adapter import quiet_controller_log
+
+        step = ray.get(self.board.step_reached.remote())
+        failure = describe_failure(worker_exceptions, step)
         # Waited on, so that the next attempt's ranks find this one closed when they ask admit().
-        ray.get(self.board.attempt_failed.remote(cause, kind))
+        refused = ray.get(self.board.attempt_failed.remote(failure.cause, failure.kind, failure.error))
+        if refused:
+            quiet_controller_log(RetryRefused)
+            raise RetryRefused(refused)  # the controller ends the run: no worker group is started

@@ -22,7 +22,7 @@ class Checkpointing:
 
     def __init__(self, spec: JobSpec, stream: ShardStream, publisher: Publisher):
         self.spec, self._stream, self._publisher = spec, stream, publisher
-        self.store = CheckpointStore(spec.checkpoint.uri) if spec.checkpoint else None
+        self.store = CheckpointStore(spec.checkpoint.uri, spec.checkpoint.line) if spec.checkpoint else None
         self.saved_step: int | None = None  # the step of the last checkpoint saved or restored
         self.busy = False  # inside a restore, a save or a wait for a commit: not a stall (watchdog.py)
         self._checkpointer: Checkpointer | None = None

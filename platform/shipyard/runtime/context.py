@@ -59,7 +59,7 @@ class TrainContext:
         meter = StepMeter(samples_per_step=samples_per_step, dp_world=self.dp_world, device=device,
                           tokens_key=spec.metrics.tokens_key, per_step=self._tb_wanted)
         self._progress = Publisher(board, rank=rank, position=self._position, samples_per_step=samples_per_step,
-                                   meter=meter)
+                                   meter=meter, nan_policy=spec.nan_policy)
         self._checkpoints = Checkpointing(spec, self._stream, self._progress)
         self._agreement: StepAgreement | None = None  # built in prepare, with its process group
         self._watchdog: Watchdog | None = None

@@ -16,9 +16,7 @@ import ray
 
 from shipyard.checkpoint import CheckpointStore
 from shipyard.config import Settings, forwarded_env
-from shipyard.data import read_manifest
-from shipyard.data.manifest import check_shards
-from shipyard.errors import DataError, UserError, chain
+from shipyard.errors import UserError, chain
 from shipyard.run.records import RunSnapshot
 from shipyard.runtime.ray_adapter import loopback_only
 from shipyard.spec import JobSpec
@@ -35,24 +33,32 @@ class RunResult:
     user_error: bool = False
 
 
-def preflight(spec: JobSpec) -> None:
+def preflight(spec: JobSpec) -> JobSpec:
     """Fail before any worker starts, naming the field and URI, when inputs are unusable (or,
-    for a job from a shared server, outside its tenant's storage roots: checked again here)."""
+    for a job from a shared server, outside its tenant's storage roots: checked again here).
+    The checks themselves are :mod:`shipyard.preflight`'s; each takes seconds at most.
+
+    Returns the spec with its checkpoint line pinned (``checkpoint.line``: the one this run
+    starts, or the one the URI's ``LINE.json`` names now), so that every rank and every restart
+    of this run reads and writes the same line."""
+    from shipyard import preflight as checks
     from shipyard.scopes import check_from_env
 
     check_from_env(spec, dict(os.environ))
-    for label, uri in (("dataset.uri", spec.dataset.uri), ("dataset.eval_uri", spec.dataset.eval_uri)):
-        if uri:
-            try:
-                manifest = read_manifest(uri)
-                check_shards(manifest)
-            except UserError as e:
-                raise type(e)(f"{label}: {e}") from None
-            if spec.dataset.format not in ("auto", manifest.format):
-                raise DataError(f"dataset.format: {spec.dataset.format!r}, but {uri} holds {manifest.format} shards; "
-                                f"set it to {manifest.format!r} or 'auto'")
-    if spec.checkpoint:
-        CheckpointStore(spec.checkpoint.uri).check_writable()
+    if spec.entry_target.endswith(".py"):
+        path = os.path.join(spec.workdir, spec.entry_target)
+        if not os.path.isfile(path):
+            raise UserError(f"entrypoint: {spec.entry_target} not found in {spec.workdir}")
+        with open(path, "rb") as f:
+            checks.check_entrypoint_source(f.read(), spec.entry_target, spec.entry_function)
+    checks.check_endpoints(spec)
+    checks.check_datasets(spec)
+    if not spec.checkpoint:
+        return spec
+    store = CheckpointStore(spec.checkpoint.uri, spec.checkpoint.line)
+    store.check_writable()
+    store.follow_here()  # a fresh line: later runs of this URI resume from it
+    return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"line": store.line})})
 
 
 def connect(spec: JobSpec, settings: Settings) -> bool:
@@ -148,12 +154,12 @@ def launch(spec: JobSpec, on_progress: Callable[[RunSnapshot], None] = lambda s:
     from shipyard.runtime.progress import ProgressBoard
 
     settings = settings or Settings.from_env()
-    preflight(spec)
+    spec = preflight(spec)
     started_ray = connect(spec, settings)
     try:
         check_capacity(spec, local=started_ray)
         board = ProgressBoard.options(scheduling_strategy=_on_this_node()).remote(
-            spec.max_failures, spec.workers.count, spec.stall_timeout_s)
+            spec.max_failures, spec.workers.count, spec.stall_timeout_s, spec.retry_repeated_errors)
         trainer = _trainer(spec, board, settings)
         outcome: dict = {}
 
@@ -172,11 +178,11 @@ def launch(spec: JobSpec, on_progress: Callable[[RunSnapshot], None] = lambda s:
             on_progress(snapshot)
         seconds = time.monotonic() - t0
         snapshot = ray.get(board.snapshot.remote())
+        if snapshot.exhausted:  # the ledger refused another attempt (then fit() raised RetryRefused)
+            return RunResult(False, seconds, snapshot, snapshot.exhausted, snapshot.user_error)
         if "error" in outcome:
             message, is_user = explain(outcome["error"])
             return RunResult(False, seconds, snapshot, message, is_user)
-        if snapshot.exhausted:
-            return RunResult(False, seconds, snapshot, snapshot.exhausted, snapshot.user_error)
         return RunResult(True, seconds, snapshot)
     finally:
         if started_ray:

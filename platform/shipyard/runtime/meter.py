@@ -22,7 +22,6 @@ Names (all numbers, all global where they are rates):
 
 from __future__ import annotations
 
-import threading
 
 # torch is imported where it is used: the API server imports BUILTIN and must not pay for torch.
 BUILTIN = ("step_time_s", "data_wait_s", "samples_per_s", "tokens_per_s", "gpu_mem_gib", "checkpoint_blocked_s")
@@ -43,16 +42,14 @@ def token_key(batch: dict, declared: str | None) -> str | None:
 
 
 class StepMeter:
-    """Step clock of one rank's loop. ``fetched`` and ``boundary`` are called by the loop's
-    thread; ``flush`` and ``take_steps`` may be called from the checkpoint upload thread too
-    (it pushes commit events), hence the lock: uncontended, it costs well under a microsecond."""
+    """Step clock of one rank's loop; every method is called by the loop's thread (the upload
+    thread's commit events go through the publisher, which never reads the meter), so no lock."""
 
     def __init__(self, *, samples_per_step: int, dp_world: int, device: "torch.device",
                  tokens_key: str | None = None, per_step: bool = False):
         self.samples_per_step, self.dp_world, self.device = samples_per_step, dp_world, device
         self.tokens_key, self._key_known = tokens_key, False
         self.per_step = per_step
-        self._lock = threading.Lock()
         self._last: float | None = None  # the previous step boundary
         self._wait: float | None = None  # the wait for the batch of the step now running (None: no step running)
         self._tokens = 0
@@ -71,22 +68,20 @@ class StepMeter:
 
     def boundary(self, step: int, now: float) -> None:
         """A step boundary (the user's code is done with ``step``; checkpoints, if due, are taken)."""
-        with self._lock:
-            if self._wait is not None and self._last is not None:
-                dt = now - self._last
-                self._n += 1
-                self._time += dt
-                self._wait_sum += self._wait
-                self._tokens_sum += self._tokens
-                if self.per_step and len(self._steps) < MAX_PENDING_STEPS:
-                    self._steps.append((step, {"step_time_s": dt, "data_wait_s": self._wait}))
-            self._wait, self._last = None, now
+        if self._wait is not None and self._last is not None:
+            dt = now - self._last
+            self._n += 1
+            self._time += dt
+            self._wait_sum += self._wait
+            self._tokens_sum += self._tokens
+            if self.per_step and len(self._steps) < MAX_PENDING_STEPS:
+                self._steps.append((step, {"step_time_s": dt, "data_wait_s": self._wait}))
+        self._wait, self._last = None, now
 
     def flush(self) -> dict[str, float]:
         """Aggregates since the previous flush (empty when no step finished since)."""
-        with self._lock:
-            n, seconds, wait, tokens = self._n, self._time, self._wait_sum, self._tokens_sum
-            self._n, self._time, self._wait_sum, self._tokens_sum = 0, 0.0, 0.0, 0
+        n, seconds, wait, tokens = self._n, self._time, self._wait_sum, self._tokens_sum
+        self._n, self._time, self._wait_sum, self._tokens_sum = 0, 0.0, 0.0, 0
         out: dict[str, float] = {}
         if n and seconds > 0:
             out = {"step_time_s": seconds / n, "data_wait_s": wait / n,
@@ -101,6 +96,5 @@ class StepMeter:
 
     def take_steps(self) -> list[tuple[int, dict[str, float]]]:
         """The per-step points recorded since the last call (only with ``per_step``)."""
-        with self._lock:
-            steps, self._steps = self._steps, []
+        steps, self._steps = self._steps, []
         return steps

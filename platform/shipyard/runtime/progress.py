@@ -37,8 +37,8 @@ G = GenerationState
 class RunLog:
     """Progress, events, attempts and the latest checkpoint of one run."""
 
-    def __init__(self, max_failures: int) -> None:
-        self.ledger = Ledger(max_failures)
+    def __init__(self, max_failures: int, retry_repeated: bool = False) -> None:
+        self.ledger = Ledger(max_failures, retry_repeated)
         self.progress: dict[str, Any] = {"step": 0, "total": 0, "epoch": 0, "samples_per_step": 0, "updated": None}
         self.metrics: dict[str, Any] = {}  # rank 0's latest values, as reported (numbers; lists for tensors)
         self.events: deque[RunEvent] = deque(maxlen=MAX_EVENTS)
@@ -64,11 +64,11 @@ class RunLog:
         elif event and event != "started":
             self.event(event, now)
 
-    def attempt_failed(self, cause: str, kind: AttemptKind) -> None:
+    def attempt_failed(self, cause: str, kind: AttemptKind, error: str | None = None) -> None:
         current = self.ledger.current
         if current is None:
             return
-        self.ledger.end(time.time(), kind, cause)
+        self.ledger.end(time.time(), kind, cause, error)
         self.event(f"attempt {current.number} ended: {cause}")
 
     def snapshot(self) -> RunSnapshot:
@@ -180,8 +180,9 @@ class Rendezvous:
 class Board:
     """The run's actor: a :class:`RunLog` and a :class:`Rendezvous` (see the module docstring)."""
 
-    def __init__(self, max_failures: int = 0, world: int = 1, stall_timeout_s: float | None = None) -> None:
-        self.log = RunLog(max_failures)
+    def __init__(self, max_failures: int = 0, world: int = 1, stall_timeout_s: float | None = None,
+                 retry_repeated: bool = False) -> None:
+        self.log = RunLog(max_failures, retry_repeated)
         self.rendezvous = Rendezvous(self.log, world, stall_timeout_s)
 
     # -- ranks: process groups and heartbeats --------------------------------------------------
@@ -205,14 +206,21 @@ class Board:
         """From a rank whose attempt is failing: the step it got to (for steps lost)."""
         self.log.ledger.progress(step, time.time())
 
-    def attempt_failed(self, cause: str, kind: AttemptKind) -> None:
-        """From Ray Train's controller (``AttemptsCallback``), before it replaces workers."""
+    def step_reached(self) -> int:
+        """The furthest step of the current (or just failed) attempt, for the failure's cause."""
+        attempts = self.log.ledger.attempts
+        return attempts[-1].last_step if attempts else self.log.progress["step"]
+
+    def attempt_failed(self, cause: str, kind: AttemptKind, error: str | None = None) -> str | None:
+        """From Ray Train's controller (``AttemptsCallback``), before it replaces workers. Returns
+        why no further attempt may start (then the controller starts none), or None."""
         self.rendezvous.break_(cause)
         stall = self.rendezvous.stall
         if stall is not None and self.log.ledger.current is not None:
             # a rank exited because it stalled: say so, not just "process died"
-            cause, kind = stall.message, AttemptKind.FAILED
-        self.log.attempt_failed(cause, AttemptKind(kind))
+            cause, kind, error = stall.message, AttemptKind.FAILED, None
+        self.log.attempt_failed(cause, AttemptKind(kind), error)
+        return self.log.ledger.refusal()
 
     # -- the driver -----------------------------------------------------------------------------
     def snapshot(self) -> RunSnapshot:

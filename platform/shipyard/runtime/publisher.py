@@ -17,6 +17,7 @@ never while it reads a tensor, so the upload thread never waits for the GPU.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -44,15 +45,28 @@ class Position:
     epoch: int
 
 
+class NonFiniteMetric(ArithmeticError):
+    """A reported metric was NaN or infinite under ``nan_policy: fail``: the attempt fails."""
+
+
 class Publisher:
-    """Sends rank 0's progress to the board (other ranks only report :meth:`reached`)."""
+    """Sends rank 0's progress to the board (other ranks only report :meth:`reached`).
+
+    Reported values are read when pushed (at most once a second), and checked then against the
+    job's ``nan_policy``: a NaN or infinite value fails the attempt (``fail``, naming the metric
+    and the step it was reported at), is announced once per metric (``warn``), or passes
+    (``ignore``; charts show a gap). A value that was non-finite only between two pushes is not seen.
+    """
 
     def __init__(self, board, *, rank: int, position: Callable[[], Position], samples_per_step: int,
-                 meter: StepMeter):
+                 meter: StepMeter, nan_policy: str = "fail"):
         self._board, self._position, self.samples_per_step = board, position, samples_per_step
         self.meter = meter  # the loop stamps it; its aggregates ride on each push
         self._on = board is not None and rank == 0
         self._metrics: dict[str, Any] = {}
+        self._reported_at: dict[str, int] = {}  # metric -> the step it was last reported at
+        self.nan_policy = nan_policy
+        self._warned: set[str] = set()
         self._last_push = 0.0
         self._tb: EventWriter | None = None
         self._tb_rows: deque = deque(maxlen=MAX_PENDING_STEPS)
@@ -67,6 +81,7 @@ class Publisher:
     def report(self, step: int, metrics: dict[str, Any]) -> None:
         """The user's metrics for ``step`` (tensors are read only when sent)."""
         self._metrics.update(metrics)
+        self._reported_at.update(dict.fromkeys(metrics, step))
         if self._tb is not None:  # every report becomes a point; tensors are read in bulk at the push
             self._tb_rows.append((step, {k: v.detach() if isinstance(v, torch.Tensor) else v
                                          for k, v in metrics.items()}))
@@ -93,6 +108,7 @@ class Publisher:
         for _, numbers in handed:
             self._metrics.update(numbers)
         metrics = {k: _scalar(v) for k, v in self._metrics.items()}
+        bad = self._non_finite(metrics)
         builtins = self.meter.flush()  # after the user's metrics: displays show those first
         metrics.update(builtins)
         if self._tb is not None:
@@ -100,9 +116,34 @@ class Publisher:
         retries = sum(storage.retry_counts().values())
         if retries:
             metrics["s3_retries"] = retries  # transient S3 errors this rank's reads and writes absorbed
+        if bad and self.nan_policy == "warn":
+            event = event or "; ".join(bad)
         with self._lock:
             self._sent = position
             self._send(position, metrics, event, extra)
+        if bad and self.nan_policy == "fail":
+            raise NonFiniteMetric(bad[0] + " (nan_policy: fail; nan_policy: warn trains on)")
+
+    def _non_finite(self, metrics: dict[str, Any]) -> list[str]:
+        """``"loss is nan at step 37"`` for each user metric that is not finite (under ``warn``,
+        each metric once)."""
+        if self.nan_policy == "ignore":
+            return []
+        found = []
+        for k, v in metrics.items():
+            values = v if isinstance(v, list) else [v]
+            for x in values:
+                if isinstance(x, float) and not math.isfinite(x):
+                    if self.nan_policy == "warn":
+                        if k in self._warned:
+                            break
+                        self._warned.add(k)
+                        log.warning("%s is %s at step %s (nan_policy: warn: training on)", k, x,
+                                    self._reported_at.get(k))
+                    found.append(f"{k} is {x} at step {self._reported_at.get(k)}"
+                                 + (" (nan_policy: warn: training on)" if self.nan_policy == "warn" else ""))
+                    break
+        return found
 
     def close(self, *, flush: bool) -> None:
         """Stop writing TensorBoard files; with ``flush``, write the points not pushed yet first."""

@@ -23,6 +23,12 @@ What is used, and for what:
   the worker's own exception (``attempts.py``).
 - ``RayTrainWorker``, the class of Ray Train v2's worker actors: :data:`TRAIN_WORKER_CLASS`, by
   which the driver finds its job's training workers to signal them (``report.py``).
+- The loggers of Ray Train v2's controller and failure policy
+  (``ray.train.v2._internal.execution.controller.controller``,
+  ``...failure_handling.default``), and the behaviour that an exception raised by a
+  ``UserCallback`` ends the run without a retry (the controller wraps it in a ``ControllerError``,
+  which its failure policy does not retry): :func:`quiet_controller_log`, so that a run shipyard
+  stops on purpose (``attempts.RetryRefused``) ends without Ray logging it as a crash.
 - ``ray.init(_node_ip_address=...)``: :func:`loopback_only`, a private local cluster listens on
   loopback only (``launcher.py``).
 - ``ray._raylet.GcsClient``, ``ray._private.ray_constants.DASHBOARD_ADDRESS`` and
@@ -107,6 +113,31 @@ def unwrap_worker_error(e: BaseException) -> BaseException:
         if isinstance(inner, BaseException):
             return unwrap_worker_error(inner)
     return e
+
+
+CONTROLLER_LOGGERS = ("ray.train.v2._internal.execution.controller.controller",
+                      "ray.train.v2._internal.execution.failure_handling.default")
+
+
+def quiet_controller_log(exc_type: type[BaseException]) -> None:
+    """In Ray Train's controller process: drop the controller's and failure policy's log records
+    (tracebacks) of an ``exc_type`` raised on purpose by a shipyard callback to end the run.
+    Idempotent."""
+    import logging
+
+    from shipyard.errors import chain
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            return error is None or not any(isinstance(e, exc_type) for e in chain(error))
+
+    for name in CONTROLLER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "shipyard_drops", None) is exc_type for f in logger.filters):
+            f = _Drop()
+            f.shipyard_drops = exc_type
+            logger.addFilter(f)
 
 
 def loopback_only() -> dict:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from shipyard.errors import UserError, first_line
+from shipyard.errors import UserError, typed_line
 from shipyard.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def train_loop(config: dict) -> None:
             peer_left = isinstance(e, preemption.Preempted) and not preemption.requested()
             if not (config.get("replace_failed_ranks") and (peer_left or regroup.is_peer_loss(e))):
                 raise
-            cause = _described(e)
+            cause = typed_line(e)  # the board records it as the generation's cause
             log.warning("rank %d: %s; joining the next process group", rank, cause)
             ray.get(board.broken.remote(generation, rank, cause))
             continue
@@ -87,9 +87,3 @@ def train_loop(config: dict) -> None:
         ctx.finished()
         regroup.leave()
         return
-
-
-def _described(e: BaseException) -> str:
-    """``Type: first line`` (the board records it as the generation's cause)."""
-    line = first_line(e)
-    return line if line == type(e).__name__ else f"{type(e).__name__}: {line}"

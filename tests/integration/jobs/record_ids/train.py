@@ -6,6 +6,7 @@ sends itself SIGTERM once after that step, as a Kubernetes eviction or a spot no
 ``config.kills`` (a list of ``[step, rank]``) SIGKILLs that rank's process once at each of those
 steps; ``config.hang_at`` makes rank 1 sleep once after that step (a hung rank);
 ``config.fail_at`` raises on rank 0 at that step in every attempt (a bug no restart fixes);
+``config.nan_at`` makes the reported loss NaN from that step on (a diverged model);
 ``config.step_sleep_s`` slows every step down, ``config.slow_at_world`` only steps at that world
 size (so a test can act on a running job); ``config.print_env`` prints rank 0's environment once
 (a test then checks that none of the server's secrets reached the job).
@@ -38,7 +39,8 @@ def train(ctx):
             f.write(json.dumps({"step": ctx.step, "epoch": ctx.epoch, "world": ctx.world_size, "t": time.time(),
                                 "pid": os.getpid(),
                                 "ids": batch["id"].tolist()}) + "\n")
-        ctx.report(loss=loss)
+        nan_at = ctx.config.get("nan_at")
+        ctx.report(loss=torch.tensor(float("nan")) if nan_at and ctx.step >= nan_at else loss)
         time.sleep(ctx.config.get("step_sleep_s", 0))
         if ctx.config.get("slow_at_world") == ctx.world_size:
             time.sleep(0.5)

@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shipyard.cli_admin import DEFAULT_DATA_DIR, DataDirOpt, DbOpt, admin_app
+from shipyard.cli_output import (OUTPUT_HELP, Output, dump, list_table, parse_output, print_status, print_table,
+                                 top_table)
 from shipyard.errors import UserError
 
 CONFIG_FILE = "~/.shipyard/config.yaml"  # client.client_config: $SHIPYARD_HOME/config.yaml, SHIPYARD_HOME=~/.shipyard
@@ -24,7 +27,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "is set).")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: write Arrow shards.")
 ckpt_app = typer.Typer(no_args_is_help=True, help="Checkpoints: list what a job saved, export one.")
-admin_app = typer.Typer(no_args_is_help=True, help="Tenants and tokens of a server's store (run where the server's data is).")
 app.add_typer(data_app, name="data")
 app.add_typer(ckpt_app, name="checkpoints")
 app.add_typer(admin_app, name="admin")
@@ -155,11 +157,7 @@ UrlOpt = Annotated[str | None, typer.Option("--url", envvar=["SHIPYARD_URL", "SH
                                                  "http://127.0.0.1:8321)")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", show_envvar=False,
                                               help=f"bearer token (default: SHIPYARD_TOKEN, else token: in {CONFIG_FILE})")]
-DataDirOpt = Annotated[str, typer.Option("--data-dir", envvar="SHIPYARD_DATA_DIR",
-                                         help="server state: SQLite store, admin token, report key, local Ray head")]
-DbOpt = Annotated[str | None, typer.Option("--database-url", envvar="SHIPYARD_DATABASE_URL",
-                                           help="postgresql://... (default: SQLite under the data dir)")]
-DEFAULT_DATA_DIR = "~/.shipyard/server"
+OutputOpt = Annotated[str, typer.Option("-o", "--output", metavar="FORMAT", help=OUTPUT_HELP)]
 
 
 def _client(url: str | None, token: str | None):
@@ -308,53 +306,31 @@ def _follow(c, job_id: str) -> None:
 
 @app.command()
 def status(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = None, token: TokenOpt = None,
-           json_: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False) -> None:
-    """A job's state, progress, attempts, metrics and checkpoints."""
+           output: OutputOpt = "table",
+           json_: Annotated[bool, typer.Option("--json", help="the same as -o json")] = False) -> None:
+    """A job's state, progress, attempts, metrics, checkpoint and latest events."""
+    fmt = Output.JSON if json_ else parse_output(output)
     with _client(url, token) as c:
         job = c.get(job_id)
-    if json_:
-        import json
-
-        console.print_json(json.dumps(job))
-        return
     from shipyard.api.schemas import JobDetail
 
     d = JobDetail.model_validate(job)
-    step = f"step {d.step}/{d.total_steps}" if d.total_steps else ""
-    console.print(f"[bold]{d.id}[/bold] {d.name} ({d.tenant}, priority {d.priority}): "
-                  f"[bold]{d.state}[/bold] {step}", highlight=False)
-    if d.progress is not None:
-        console.print(f"  progress: {_bar(d.progress)}", highlight=False)
-    for key, value in (("waiting", d.waiting), ("cause", d.cause), ("message", d.message),
-                       ("checkpoint", d.checkpoint)):
-        if value:
-            console.print(f"  {key}: {value}", highlight=False)
-    if d.metrics:
-        console.print("  metrics: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in d.metrics.items()), highlight=False)
-    if d.attempts:
-        t = Table("run", "attempt", "steps", "ended", "cause", "lost", "recovery")
-        for a in d.attempts:
-            ended = a.kind.value if a.kind else ("running" if a.ended_at is None else "")
-            t.add_row(str(a.run_number or ""), str(a.number), f"{a.start_step or 0}->{a.last_step or 0}", ended,
-                      a.cause or "", "" if a.steps_lost is None else str(a.steps_lost),
-                      "" if a.recovery_s is None else f"{a.recovery_s:.1f}s")
-        console.print(t)
-
-
-def _bar(progress: float | None, width: int = 30) -> str:
-    if progress is None:
-        return ""
-    done = round(max(0.0, min(1.0, progress)) * width)
-    return f"[green]{'█' * done}[/green][dim]{'░' * (width - done)}[/dim] {progress * 100:3.0f}%"
+    if fmt.document:
+        sys.stdout.write(dump(d.model_dump(mode="json"), fmt))
+        return
+    print_status(console, d, wide=fmt is Output.WIDE)
 
 
 @app.command()
 def top(interval: Annotated[float, typer.Option(help="seconds between refreshes (at least 1)", min=1.0)] = 2.0,
         all_: Annotated[bool, typer.Option("--all", help="also queued jobs, not only running ones")] = False,
-        once: Annotated[bool, typer.Option("--once", help="print one frame and exit (scripts, logs)")] = False,
-        url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """A live view of running jobs: progress, latest metrics, attempts. q or Ctrl-C quits."""
+        once: Annotated[bool, typer.Option("--once", help="print one frame and exit (also what top does when "
+                                                          "stdout is not a terminal)")] = False,
+        output: OutputOpt = "table", url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """A live view of running jobs: progress, latest metrics, attempts. q or Ctrl-C quits.
+
+    -o json or -o yaml prints one snapshot and exits: the jobs under "items", each as
+    `status -o json` prints it."""
     import select
     import termios
     import time
@@ -363,37 +339,37 @@ def top(interval: Annotated[float, typer.Option(help="seconds between refreshes 
     from rich.live import Live
 
     from shipyard.api.schemas import JobDetail
-    from shipyard.runtime.meter import BUILTIN
 
+    fmt = parse_output(output)
     states = "ADMITTED,RUNNING,RESTARTING" + (",QUEUED,PREEMPTED" if all_ else "")
 
-    def frame(c) -> Table:
-        t = Table("id", "name", "tenant", "state", "progress", "step", "metrics", "attempts", "lost",
-                  title=f"shipyard top ({c.url}{'' if once else f', every {interval:g}s; q quits'})",
-                  title_justify="left")
-        for j in c.list(state=states, limit=50)["items"]:
-            d = JobDetail.model_validate(c.get(j["id"]))  # at most 50 jobs per refresh, every >= 1 s
-            shown = sorted((k for k, v in d.metrics.items() if v is not None), key=lambda k: k in BUILTIN)[:3]
-            metrics = "  ".join(f"{k}={d.metrics[k]:.4g}" for k in shown)
-            t.add_row(d.id, d.name, d.tenant, d.state, _bar(d.progress, 15), f"{d.step or 0}/{d.total_steps or '?'}",
-                      metrics, str(len(d.attempts)), str(sum(a.steps_lost or 0 for a in d.attempts)))
-        return t
+    def jobs(c) -> list[JobDetail]:  # at most 50 jobs per refresh, every >= 1 s
+        return [JobDetail.model_validate(c.get(j["id"])) for j in c.list(state=states, limit=50)["items"]]
 
-    if once:
+    def frame(c, live: bool = False) -> Table:
+        title = f"shipyard top ({c.url}, every {interval:g}s; q quits)" if live else f"shipyard top ({c.url})"
+        return top_table(jobs(c), title, wide=fmt is Output.WIDE, fold_ids=live)
+
+    if fmt.document:
         with _client(url, token) as c:
-            console.print(frame(c))
+            sys.stdout.write(dump({"items": [d.model_dump(mode="json") for d in jobs(c)]}, fmt))
+        return
+    if once or not console.is_terminal:
+        with _client(url, token) as c:
+            print_table(console, frame(c))
         return
     tty_in = sys.stdin.isatty()
     saved = termios.tcgetattr(sys.stdin) if tty_in else None
     try:
         if tty_in:
             tty.setcbreak(sys.stdin.fileno())
-        with _client(url, token) as c, Live(frame(c), console=console, auto_refresh=False) as live:
+        # Live redraws in place, so a frame must fit the terminal: ids fold there (fold_ids).
+        with _client(url, token) as c, Live(frame(c, live=True), console=console, auto_refresh=False) as live:
             while True:
                 ready = select.select([sys.stdin], [], [], interval)[0] if tty_in else time.sleep(interval)
                 if ready and sys.stdin.read(1).lower() == "q":
                     return
-                live.update(frame(c), refresh=True)
+                live.update(frame(c, live=True), refresh=True)
     except KeyboardInterrupt:
         return
     finally:
@@ -404,18 +380,26 @@ def top(interval: Annotated[float, typer.Option(help="seconds between refreshes 
 @app.command("list")
 def list_(state: Annotated[str | None, typer.Option(help="only these states, comma-separated")] = None,
           name: Annotated[str | None, typer.Option(help="only jobs with this name")] = None,
-          limit: Annotated[int, typer.Option(help="rows to show")] = 50, url: UrlOpt = None, token: TokenOpt = None) -> None:
+          limit: Annotated[int, typer.Option(help="rows to show")] = 50,
+          output: OutputOpt = "table",
+          quiet: Annotated[bool, typer.Option("-q", "--quiet", help="only the job ids, one per line "
+                                                                    "(e.g. | xargs -n1 shipyard cancel)")] = False,
+          url: UrlOpt = None, token: TokenOpt = None) -> None:
     """Jobs, newest first."""
+    from shipyard.api.schemas import JobList
+
+    fmt = parse_output(output)
     with _client(url, token) as c:
-        page = c.list(state=state, name=name, limit=limit)
-    t = Table("id", "name", "tenant", "priority", "state", "progress", "submitted", "note")
-    for j in page["items"]:
-        progress = f"{j['progress'] * 100:.0f}%" if j.get("progress") is not None else ""
-        t.add_row(j["id"], j["name"], j["tenant"], str(j["priority"]), j["state"], progress,
-                  j["submitted_at"][:19].replace("T", " "), j.get("waiting") or j.get("cause") or "")
-    console.print(t)
-    if page.get("next_cursor"):
-        console.print(f"(more: --limit {limit * 2})")
+        page = JobList.model_validate(c.list(state=state, name=name, limit=limit))
+    if fmt.document and not quiet:
+        sys.stdout.write(dump(page.model_dump(mode="json"), fmt))  # next_cursor says whether there is more
+        return
+    if quiet:
+        sys.stdout.write("".join(f"{j.id}\n" for j in page.items))
+    else:
+        print_table(console, list_table(page.items, wide=fmt is Output.WIDE))
+    if page.next_cursor:  # on stderr: stdout is the table, or ids for xargs
+        err_console.print(f"(more: --limit {limit * 2})", highlight=False)
 
 
 @app.command()
@@ -438,148 +422,6 @@ def cancel(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = 
     with _client(url, token) as c:
         job = c.cancel(job_id)
     console.print(f"{job['id']}: {job['state']}", highlight=False)
-
-
-def _store(data_dir: str, database_url: str | None):
-    from pathlib import Path
-
-    from shipyard.store import Store
-
-    return Store.open(database_url, data_dir=Path(data_dir).expanduser())
-
-
-@admin_app.command("create-tenant")
-def admin_create_tenant(name: Annotated[str, typer.Argument(help="tenant name")],
-                        max_gpus: Annotated[float | None, typer.Option(help="GPU quota")] = None,
-                        max_cpus: Annotated[float | None, typer.Option(help="CPU quota")] = None,
-                        max_running_jobs: Annotated[int | None, typer.Option(help="jobs holding resources at once")] = None,
-                        storage_root: Annotated[list[str], typer.Option(help="a storage root its jobs may read and "
-                                                                             "write, besides the server's default (repeat)")] = [],
-                        read_only_root: Annotated[list[str], typer.Option(help="a root its jobs may only read (repeat)")] = [],
-                        priority: Annotated[int, typer.Option(help="tenant priority: its jobs may preempt jobs of "
-                                                                   "tenants with a lower one")] = 0,
-                        data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
-    """Create a tenant (a team with quotas, storage roots and a priority)."""
-    roots = [(r, True) for r in storage_root] + [(r, False) for r in read_only_root]
-    with _store(data_dir, database_url) as store:
-        t = store.create_tenant(name, max_gpus=max_gpus, max_cpus=max_cpus, max_running_jobs=max_running_jobs,
-                                storage_roots=roots, priority=priority)
-    console.print(f"tenant {t.name} created", highlight=False)
-
-
-@admin_app.command("set-tenant")
-def admin_set_tenant(name: Annotated[str, typer.Argument(help="tenant name")],
-                     storage_root: Annotated[list[str] | None, typer.Option(help="replace its read-write roots (repeat)")] = None,
-                     read_only_root: Annotated[list[str] | None, typer.Option(help="replace its read-only roots (repeat)")] = None,
-                     priority: Annotated[int | None, typer.Option(help="its tenant priority")] = None,
-                     data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
-    """Change a tenant's storage roots or priority (what is not given is kept)."""
-    with _store(data_dir, database_url) as store:
-        t = store.get_tenant(name)
-        if storage_root is not None or read_only_root is not None:
-            rw = [(u, True) for u in storage_root] if storage_root is not None else [r for r in t.storage_roots if r[1]]
-            ro = [(u, False) for u in read_only_root] if read_only_root is not None else [r for r in t.storage_roots if not r[1]]
-            t = store.set_storage(name, rw + ro)
-        if priority is not None:
-            t = store.set_priority(name, priority)
-    roots = ", ".join(u + ("" if w else " (read-only)") for u, w in t.storage_roots) or "none granted"
-    console.print(f"tenant {t.name}: priority {t.priority}; storage roots: {roots}", highlight=False)
-
-
-# 5 s: shipyard.api.auth.TOKEN_CACHE_S (not imported here: the CLI starts without FastAPI)
-REVOCATION_NOTE = ("A server that has seen the token in the last 5 s may accept it for up to 5 s more (its token "
-                   "cache); POST /v1/admin/tokens/ID/revoke through a server stops it at once in that replica.")
-
-
-@admin_app.command("create-token")
-def admin_create_token(tenant: Annotated[str, typer.Option(help="the token's tenant (must exist, unless --create-tenant)")],
-                       role: Annotated[str, typer.Option(help="user or admin")] = "user",
-                       label: Annotated[str | None, typer.Option(help="a note: who holds it")] = None,
-                       expires_in: Annotated[str | None, typer.Option(metavar="DURATION",
-                                                                      help="refuse the token after this long: 90d, 12h "
-                                                                           "or 30m, at most 3650d (default: never)")] = None,
-                       create_tenant: Annotated[bool, typer.Option("--create-tenant",
-                                                                   help="create the tenant first if it does not exist "
-                                                                        "(no quotas; see create-tenant)")] = False,
-                       data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
-    """Create a bearer token and print it (it cannot be shown again); its id goes to stderr."""
-    from shipyard.store import TenantNotFound
-    from shipyard.store.tenancy import check_label, check_tenant_name, token_lifetime
-
-    if role not in ("user", "admin"):
-        raise UserError(f"--role: got {role!r}; expected user or admin")
-    check_tenant_name(tenant, "--tenant")
-    check_label(label, "--label")
-    lifetime = None if expires_in is None else token_lifetime(expires_in, "--expires-in")
-    with _store(data_dir, database_url) as store:
-        if create_tenant:
-            store.create_tenant(tenant, exist_ok=True)
-        try:
-            secret, t = store.create_token(tenant, admin=role == "admin", label=label, expires_in=lifetime)
-        except TenantNotFound:
-            raise UserError(f"tenant {tenant!r} does not exist; create it with `shipyard admin create-tenant "
-                            f"{tenant}` or pass --create-tenant") from None
-    expires = f"expires {_utc(t.expires_at)}" if t.expires_at else "never expires"
-    err_console.print(f"token {t.id} ({role} of tenant {t.tenant}, {expires}); it is shown once", highlight=False,
-                      soft_wrap=True)
-    print(secret)
-
-
-def _utc(when) -> str:
-    return when.strftime("%Y-%m-%d %H:%M UTC") if when else ""
-
-
-@admin_app.command("list-tokens")
-def admin_list_tokens(tenant: Annotated[str | None, typer.Option(help="only this tenant's tokens")] = None,
-                      limit: Annotated[int, typer.Option(min=1, max=100_000, help="rows to show")] = 1000,
-                      output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
-                      data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
-    """Tokens, oldest first, revoked and expired ones included (never their secrets)."""
-    import json
-
-    from rich.markup import escape
-
-    from shipyard.store.tenancy import check_tenant_name, token_state
-
-    if output not in ("table", "json"):
-        raise UserError(f"--output: got {output!r}; expected table or json")
-    if tenant is not None:
-        check_tenant_name(tenant, "--tenant")
-    with _store(data_dir, database_url) as store:
-        if tenant is not None:
-            store.get_tenant(tenant)  # a typo is an error, not an empty table
-        tokens = store.list_tokens(tenant, limit=limit + 1)
-    more, tokens = len(tokens) > limit, tokens[:limit]
-    if output == "json":
-        from shipyard.api.routes_admin import TokenOut  # the shape GET /v1/admin/tokens answers
-
-        print(json.dumps([TokenOut.of(t).model_dump(mode="json") for t in tokens], indent=2))
-        return
-    table = Table("id", "tenant", "role", "label", "created", "expires", "revoked", "state", box=None, pad_edge=False)
-    for t in tokens:
-        table.add_row(str(t.id), t.tenant, "admin" if t.admin else "user", escape(t.label or ""), _utc(t.created_at),
-                      _utc(t.expires_at) or "never", _utc(t.revoked_at), token_state(t))
-    # Piped: rows at their full width, not folded at 80 columns.
-    (console if console.is_terminal else Console(width=10_000)).print(table)
-    if more:
-        err_console.print(f"(more: --limit {limit * 2})")
-
-
-@admin_app.command("revoke-token", help="Revoke a token by its id (list-tokens shows them). " + REVOCATION_NOTE)
-def admin_revoke_token(token_id: Annotated[int, typer.Argument(metavar="ID", help="the token's id")],
-                       data_dir: DataDirOpt = DEFAULT_DATA_DIR, database_url: DbOpt = None) -> None:
-    from rich.markup import escape
-
-    with _store(data_dir, database_url) as store:
-        before = store.get_token(token_id)
-        t = store.revoke_token(token_id)
-    who = f"{'admin' if t.admin else 'user'} of tenant {t.tenant}" + (f", {escape(t.label)}" if t.label else "")
-    if before.revoked_at is not None:
-        console.print(f"token {t.id} ({who}) was already revoked at {_utc(t.revoked_at)}", highlight=False,
-                      soft_wrap=True)
-        return
-    console.print(f"token {t.id} ({who}) revoked; a running server refuses it within 5 s", highlight=False,
-                  soft_wrap=True)
 
 
 def main() -> None:

@@ -78,13 +78,19 @@ _BY_STATUS = {400: InvalidSpec, 401: Unauthorized, 403: Forbidden, 404: NotFound
               415: InvalidSpec, 422: InvalidSpec}
 
 
+def config_file(env: dict[str, str] | None = None) -> Path:
+    """The client's config file: ``$SHIPYARD_HOME/config.yaml``, i.e. ``~/.shipyard/config.yaml``
+    by default (the CLI's ``--help`` names it)."""
+    env = os.environ if env is None else env
+    return Path(env.get("SHIPYARD_HOME", "~/.shipyard")).expanduser() / "config.yaml"
+
+
 def client_config(env: dict[str, str] | None = None) -> tuple[str, str | None]:
     """Server URL and token: SHIPYARD_URL (or SHIPYARD_SERVER) and SHIPYARD_TOKEN, else
     ``$SHIPYARD_HOME/config.yaml`` (``url:``, ``token:``), else the local default URL."""
     env = dict(os.environ if env is None else env)
-    home = Path(env.get("SHIPYARD_HOME", "~/.shipyard")).expanduser()
     file: dict = {}
-    path = home / "config.yaml"
+    path = config_file(env)
     if path.exists():
         try:
             file = yaml.safe_load(path.read_text()) or {}
@@ -102,10 +108,15 @@ Progress = Callable[[int, int], None]  # (bytes sent so far, total bytes) during
 
 
 class Client:
+    """A shipyard server's REST API (``/v1``) as Python calls; use it as a context manager, or
+    :meth:`close` it. Jobs come back as the API's JSON, as dicts (the shapes of
+    :mod:`shipyard.api.schemas`: ``JobSummary``, ``JobDetail``, ``JobList``)."""
+
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
                  max_package_mb: float | None = None):
-        """``max_package_mb``: the cap on a job directory's code package (default:
-        ``SHIPYARD_MAX_PACKAGE_MB``, else 100 MiB)."""
+        """``url`` and ``token`` default to :func:`client_config` (SHIPYARD_URL, SHIPYARD_TOKEN,
+        else ``~/.shipyard/config.yaml``); ``timeout``: seconds per request; ``max_package_mb``:
+        the cap on a job directory's code package (default: ``SHIPYARD_MAX_PACKAGE_MB``, else 100 MiB)."""
         env_url, env_token = client_config()
         self.url = (url or env_url).rstrip("/")
         self.token = token or env_token
@@ -114,6 +125,7 @@ class Client:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
+        """Close the connection pool (``with Client() as c:`` does it on exit)."""
         self._http.close()
 
     def __enter__(self) -> "Client":
@@ -218,11 +230,16 @@ class Client:
                 time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
 
     def get(self, job_id: str) -> dict:
+        """One job in full (``GET /v1/jobs/{id}``, a ``JobDetail``): state, step, progress, attempts,
+        runs, latest metrics, checkpoints, the latest events and ``preempted_by``. ``NotFound`` for
+        an unknown id (or another tenant's job)."""
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 
     def list(self, state: str | list[str] | None = None, name: str | None = None, limit: int = 50,
              cursor: str | None = None) -> dict:
-        """One page: ``{"items": [...], "next_cursor": ...}``."""
+        """One page of jobs, newest first (``GET /v1/jobs``, a ``JobList``): ``{"items": [...],
+        "next_cursor": ...}``; ``state``: one state, a comma-separated list or a list; pass
+        ``next_cursor`` back as ``cursor`` for the next page (or use :meth:`iter_jobs`)."""
         params: dict[str, Any] = {"limit": limit}
         if state:
             params["state"] = state if isinstance(state, str) else ",".join(state)
@@ -233,6 +250,8 @@ class Client:
         return self._request("GET", "/v1/jobs", params=params).json()
 
     def iter_jobs(self, **kw) -> Iterator[dict]:
+        """Every job matching ``kw`` (:meth:`list`'s ``state``, ``name``, ``limit`` per page), newest
+        first, following ``next_cursor`` page after page."""
         cursor = None
         while True:
             page = self.list(cursor=cursor, **kw)
@@ -242,13 +261,17 @@ class Client:
                 return
 
     def cancel(self, job_id: str) -> dict:
+        """Cancel a queued or running job (a running one checkpoints, then stops); returns its
+        summary, now CANCELLED. ``Conflict`` (409) if it has already ended."""
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
     def logs(self, job_id: str, tail: int | None = 1000) -> str:
+        """The job's driver output so far (its last ``tail`` lines; None or 0: all the server has)."""
         params = {"tail": tail} if tail else {}
         return self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
     def follow_logs(self, job_id: str) -> Iterator[str]:
+        """The job's output as it is written, in chunks of text, until its run ends."""
         try:
             with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None) as r:
                 if r.status_code >= 400:
@@ -259,6 +282,8 @@ class Client:
             raise Unreachable(f"lost the log stream from {self.url}: {e}") from None
 
     def metrics(self, job_id: str, names: list[str] | None = None) -> list[dict]:
+        """Reported metric points in step order, ``[{"step", "at", "values": {name: value}}]``
+        (only ``names`` if given; older points are averaged, at most ~1,000 per job)."""
         params = {"name": ",".join(names)} if names else {}
         return self._request("GET", f"/v1/jobs/{job_id}/metrics", params=params).json()["points"]
 
@@ -285,4 +310,4 @@ def _error(r: httpx.Response) -> ApiError:
 
 
 __all__ = ["Client", "ApiError", "Unauthorized", "Forbidden", "NotFound", "Conflict", "InvalidSpec", "ServerError",
-           "Unreachable", "client_config"]
+           "Unreachable", "client_config", "config_file"]

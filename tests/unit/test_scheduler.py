@@ -89,7 +89,7 @@ def test_quota_blocked_job_neither_reserves_nor_preempts():
 def test_gang_is_all_or_nothing():
     d = decide(cluster(3, queued=(job("g", workers=4),)))
     assert d.admit == []
-    assert d.reasons["g"] == "waiting: needs 4 GPUs, 3 free"
+    assert d.reasons["g"] == "needs 4 GPUs, 3 free"
 
 
 def test_gang_spans_nodes_when_no_node_holds_it():
@@ -112,13 +112,13 @@ def test_small_job_goes_to_the_tightest_node_keeping_big_holes():
 def test_memory_is_a_dimension_of_fit():
     snap = Snapshot.aggregate(Resources(16, 0, 8 * GiB), Resources(16, 0, 64 * GiB),
                               queued=(job("m", gpus=0, workers=2, mem=6 * GiB),))
-    assert decide(snap).reasons["m"] == "waiting: needs 12 GiB memory, 8 free"
+    assert decide(snap).reasons["m"] == "needs 12 GiB memory, 8 free"
 
 
 def test_admitted_jobs_not_yet_placed_are_subtracted_from_free():
     # The backend still reports 4 GPUs free: it has not seen the ADMITTED job's workers yet.
     d = decide(cluster(4, queued=(job("next", t=1),), running=(run(job("just", gpus=4), "ADMITTED"),)))
-    assert d.admitted == [] and d.reasons["next"] == "waiting: needs 1 GPUs, 0 free"
+    assert d.admitted == [] and d.reasons["next"] == "needs 1 GPUs, 0 free"
 
 
 def test_job_larger_than_the_cluster_does_not_block_the_queue():
@@ -138,7 +138,7 @@ def test_backfill_uses_only_what_the_head_cannot():
     d = decide(cluster(2, queued=q))
     assert d.head == "head" and d.admitted == ["cpu-only"]
     assert d.admit[0].backfilled_past == "head"
-    assert d.reasons["gpu-small"].startswith("waiting: fits only in capacity held for head")
+    assert d.reasons["gpu-small"].startswith("fits only in capacity held for head")
 
 
 def test_backfill_lands_off_the_heads_planned_nodes():
@@ -151,7 +151,7 @@ def test_backfill_lands_off_the_heads_planned_nodes():
 def test_strict_policy_starts_nothing_behind_a_waiting_head():
     q = (job("head", workers=4, t=0), job("cpu-only", gpus=0, t=1))
     d = decide(cluster(2, queued=q), Policy(backfill=False))
-    assert d.admit == [] and d.reasons["cpu-only"].startswith("waiting: behind head")
+    assert d.admit == [] and d.reasons["cpu-only"].startswith("behind head")
 
 
 def simulate(ticks, arrivals, total_gpus=4, running=(), ends=None, duration=2):
@@ -191,7 +191,7 @@ def test_high_priority_preempts_lowest_priority_first():
     d = decide(cluster(0, queued=(job("urgent", gpus=2, prio=9),), running=running))
     assert d.preempt == ["p1"] and d.admit == []
     assert d.reasons["p1"] == "preempted for urgent (priority 9 > 1)"
-    assert d.reasons["urgent"] == "waiting: needs 2 GPUs, 0 free; preempting p1"
+    assert d.reasons["urgent"] == "needs 2 GPUs, 0 free; preempting p1"
 
 
 def test_victim_set_is_minimal():
@@ -204,7 +204,7 @@ def test_victim_set_is_minimal():
 def test_only_strictly_lower_priority_running_or_admitted_jobs_are_victims():
     running = (run(job("same", gpus=2, prio=5)), run(job("restarting", gpus=2, prio=0), "RESTARTING"))
     d = decide(cluster(0, total_gpus=4, queued=(job("h", gpus=2, prio=5),), running=running))
-    assert d.preempt == [] and d.reasons["h"] == "waiting: needs 2 GPUs, 0 free"
+    assert d.preempt == [] and d.reasons["h"] == "needs 2 GPUs, 0 free"
     assert decide(cluster(0, total_gpus=4, queued=(job("h", gpus=2, prio=5),), running=running),
                   Policy(preemption=False)).preempt == []
 

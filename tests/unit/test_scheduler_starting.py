@@ -24,7 +24,7 @@ def test_a_starting_jobs_demand_is_held_so_a_job_behind_it_waits():
     running = (RunningJob(job("high", 1, prio=10), "STARTING", T0),)
     d = decide(cluster(4, running, (job("low", 2, t=5),)))
     assert d.admitted == [] and d.preempt == []
-    assert d.reasons["low"].startswith("waiting: needs 4 CPUs, 2 free")
+    assert d.reasons["low"].startswith("needs 4 CPUs, 2 free")
 
 
 def test_a_head_that_would_fit_if_starting_jobs_were_placed_waits_instead_of_preempting():

@@ -27,6 +27,7 @@ from shipyard.api.schemas import (AttemptOut, CheckpointOut, Created, EventOut, 
 from shipyard.errors import SpecError, UserError
 from shipyard.spec import JobSpec
 from shipyard.store import JobState
+from shipyard.store.records import PREEMPTED_BY
 from shipyard.store.states import TERMINAL, parse_state
 
 router = APIRouter(tags=["jobs"])
@@ -125,11 +126,13 @@ def get_job(request: Request, who: Caller, job_id: str) -> JobDetail:
     job = _job(request, who, job_id)
     attempts, runs = _runs(store.attempts(job_id), job.backend_handle, store.run_outcome(job_id, job.backend_handle))
     checkpoints, error = _checkpoints(job.spec)
-    events = [EventOut(at=e.at, kind=e.kind, message=e.message) for e in store.events(job_id)[-50:]]
+    every = store.events(job_id)
+    preempted_by = next((e.message for e in reversed(every) if e.kind == PREEMPTED_BY), None)
+    events = [EventOut(at=e.at, kind=e.kind, message=e.message) for e in every if e.kind != PREEMPTED_BY][-50:]
     summary = JobSummary.of(job, _reasons(request).get(job.id))
     return JobDetail(**summary.model_dump(), spec=job.spec, backend_handle=job.backend_handle, attempts=attempts, runs=runs,
                      metrics=store.latest_metrics(job_id), checkpoint=job.checkpoint, checkpoints=checkpoints,
-                     checkpoints_error=error, events=events)
+                     checkpoints_error=error, events=events, preempted_by=preempted_by)
 
 
 def _runs(attempts, current: str | None, outcome) -> tuple[list[AttemptOut], list[RunOut]]:

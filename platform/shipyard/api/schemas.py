@@ -97,6 +97,7 @@ class JobDetail(JobSummary):
     checkpoints: list[CheckpointOut] = []
     checkpoints_error: str | None = None
     events: list[EventOut] = []
+    preempted_by: str | None = None  # the job whose admission last preempted this one (None: never preempted)
 
 
 class JobList(BaseModel):

@@ -36,6 +36,17 @@ from shipyard.spec import JobSpec
 
 
 class TrainContext:
+    """What the platform hands to the user's ``train(ctx)``, one per rank (see docs/sdk.md).
+
+    Attributes: ``spec`` (the :class:`~shipyard.spec.JobSpec`), ``config`` (a copy of its
+    ``config:`` section), ``rank``, ``world_size``, ``local_rank`` (this rank on its node),
+    ``device`` (where batches land: this rank's GPU, or ``cpu``), ``dims`` (the parallel
+    dimensions of ``strategy``), ``dp_rank`` and ``dp_world`` (this rank among the data-parallel
+    replicas, which is how the data is split), and ``step`` (steps taken, counting those before a
+    restore). Users call :meth:`prepare`, :meth:`batches`, :meth:`report` and, as needed, the rest;
+    :meth:`close`, :meth:`abandon`, :meth:`finished` and :meth:`reached` are the platform's.
+    """
+
     def __init__(self, spec: JobSpec, *, rank: int, world_size: int, local_rank: int,
                  device: torch.device, board=None, generation: int | None = None):
         self.spec = spec
@@ -66,10 +77,13 @@ class TrainContext:
 
     @property
     def epoch(self) -> int:
+        """The data epoch the stream is in (0-based; restored with the data position)."""
         return self._stream.epoch
 
     @property
     def is_chief(self) -> bool:
+        """Whether this is rank 0, whose :meth:`report` values are the job's metrics (other ranks'
+        are not sent): the rank to log, print or write a file of its own from."""
         return self.rank == 0
 
     @property

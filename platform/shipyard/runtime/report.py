@@ -52,6 +52,13 @@ MAX_BUFFERED_POINTS = 2000
 EXIT_PREEMPTED = 128 + signal.SIGTERM
 
 
+def known_step(snap: RunSnapshot) -> int | None:
+    """The step to report: None until rank 0 has pushed once (after its restore). A new run's
+    board starts at step 0, and a requeued or resumed job must keep showing the step it had
+    reached, not 0, until its workers say where they are."""
+    return snap.step if snap.updated is not None else None
+
+
 class Session:
     """One submitted run's reporting and stop handling (a no-op one when ``url`` is None)."""
 
@@ -135,8 +142,8 @@ class Session:
         attempts = snap.attempts
         if self.notice_at is not None:  # attempts Ray Train opened after the preemption do not count
             attempts = [a for a in attempts if a.start < self.notice_at or a.kind is not None]
-        report = DriverReport(schema_version=REPORT_SCHEMA, submission=self.submission, step=snap.step, total=snap.total,
-                              checkpoint=snap.checkpoint, attempts=attempts, events=events, metrics=points,
+        report = DriverReport(schema_version=REPORT_SCHEMA, submission=self.submission, step=known_step(snap),
+                              total=snap.total, checkpoint=snap.checkpoint, attempts=attempts, events=events, metrics=points,
                               outcome=outcome)
         try:
             r = httpx.post(self.url, json=report.to_json(), headers={"Authorization": f"Bearer {self.token}"},

@@ -40,7 +40,9 @@ class Admission:
 class Decisions:
     admit: list[Admission] = field(default_factory=list)
     preempt: list[str] = field(default_factory=list)
-    reasons: dict[str, str] = field(default_factory=dict)  # waiting jobs and victims -> why
+    # Waiting jobs and victims -> why, shown as the API's `waiting`: so "needs 4 GPUs, 2 free",
+    # not "waiting: ..."; a quota or an impossible shape says so ("quota: ...", "unschedulable: ...").
+    reasons: dict[str, str] = field(default_factory=dict)
     head: str | None = None  # the job holding the reservation
 
     @property
@@ -66,7 +68,7 @@ def decide(snap: Snapshot, policy: Policy = Policy()) -> Decisions:
             out.reasons[job.id] = why
             continue
         if head is not None and not policy.backfill:
-            out.reasons[job.id] = f"waiting: behind {head.id} (priority {head.priority}), which starts first"
+            out.reasons[job.id] = f"behind {head.id} (priority {head.priority}), which starts first"
             continue
         placement = available.place(job)
         if placement is not None:
@@ -81,10 +83,10 @@ def decide(snap: Snapshot, policy: Policy = Policy()) -> Decisions:
             out.head = job.id
             available = free.minus(_stop_for_head(job, free, snap, draining, node_names, node_totals, policy, out))
         elif free.place(job) is not None:
-            out.reasons[job.id] = (f"waiting: fits only in capacity held for {head.id} (priority "
+            out.reasons[job.id] = (f"fits only in capacity held for {head.id} (priority "
                                    f"{head.priority}), which is first in the queue")
         else:
-            out.reasons[job.id] = "waiting: " + admission.shortage(job, available)
+            out.reasons[job.id] = admission.shortage(job, available)
     return out
 
 
@@ -101,7 +103,7 @@ def _stop_for_head(head: JobRequest, cap: admission.Capacity, snap: Snapshot, dr
     releasing: Free = {}
     for r in draining:
         releasing = give(releasing, admission.credit_of(r, node_names))
-    base = "waiting: " + admission.shortage(head, cap)
+    base = admission.shortage(head, cap)
     starting = [r for r in snap.running if r.state is Holding.STARTING]
     if draining and admission.place(head, give(free, releasing)) is not None:
         names = ", ".join(r.id for r in draining)

@@ -34,6 +34,7 @@ from shipyard.scheduler.decide import Decisions, Policy, decide
 from shipyard.scheduler.leader import RETRY_S as LEADER_RETRY_S, Leadership, Sole
 from shipyard.scheduler.snapshot import Holding, JobRequest, Node, Quota, Resources, RunningJob, Snapshot
 from shipyard.store import Attempt, Job, JobState, Store
+from shipyard.store.records import PREEMPTED_BY
 from shipyard.store.states import IllegalTransition
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,8 @@ class SchedulerLoop:
 
     def apply(self, d: Decisions) -> None:
         self.reasons = dict(d.reasons)
-        for victim in d.preempt:
-            self._preempt(victim, d.reasons.get(victim, "preempted"))
+        for victim in d.preempt:  # only the head preempts (decide.py)
+            self._preempt(victim, d.reasons.get(victim, "preempted"), d.head)
         for a in d.admit:
             try:
                 self.store.transition(a.job_id, S.QUEUED, S.ADMITTED,
@@ -189,12 +190,14 @@ class SchedulerLoop:
                 continue  # cancelled meanwhile
             self._submit(self.store.get_job(a.job_id))
 
-    def _preempt(self, job_id: str, why: str) -> None:
+    def _preempt(self, job_id: str, why: str, by: str | None) -> None:
         job = self.store.get_job(job_id)
         try:
             job = self.store.transition(job_id, job.state, S.PREEMPTED, cause="preempted", message=why)
         except IllegalTransition:
             return
+        if by is not None:  # for `status`: "preempted by <job>"
+            self.store.add_event(job_id, PREEMPTED_BY, by)
         if job.backend_handle:
             self._cancel(job.backend_handle)
         else:

@@ -105,6 +105,12 @@ class Attempt:
                    row.committed_step, row.recovery_s)
 
 
+# An event of this kind records a fact rather than a message: its text is exactly the id of the
+# job whose admission preempted this one (kept in the events table so no migration adds a column;
+# read back by kind, never parsed out of a state event's text).
+PREEMPTED_BY = "preempted_by"
+
+
 @dataclass(frozen=True)
 class Event:
     job_id: str

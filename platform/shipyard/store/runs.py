@@ -36,6 +36,11 @@ def _time(t: float | None) -> datetime | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc)
 
 
+def _how(kind: AttemptKind, cause: str | None) -> str:
+    """How an attempt ended, for its event: "preempted", not "preempted: preempted"."""
+    return kind.value if not cause or cause == kind.value else f"{kind.value}: {cause}"
+
+
 class RunsMixin:
     """Needs ``self._read()`` and ``self._write()`` session context managers (see Store)."""
 
@@ -70,8 +75,7 @@ class RunsMixin:
                     row.cause = (a.cause or kind.value)[:MAX_CAUSE_COLUMN]
                     lost = f", {row.steps_lost} steps lost" if row.steps_lost else ""
                     s.add(models.Event(job_id=job_id, at=row.ended_at, kind="attempt",
-                                       message=f"attempt {row.number} ended: {kind.value}"
-                                               f"{': ' + a.cause if a.cause else ''}{lost}"))
+                                       message=f"attempt {row.number} ended: {_how(kind, a.cause)}{lost}"))
             for e in report.events[:MAX_EVENTS_PER_REPORT]:
                 s.add(models.Event(job_id=job_id, at=_time(e.at), kind="run", message=e.message))
             for p in report.metrics:
@@ -115,5 +119,5 @@ class RunsMixin:
             for row in rows:
                 row.ended_at, row.kind, row.cause = now, AttemptKind(kind).value, cause[:MAX_CAUSE_COLUMN]
                 s.add(models.Event(job_id=job_id, at=now, kind="attempt",
-                                   message=f"attempt {row.number} ended: {AttemptKind(kind).value}: {cause}"))
+                                   message=f"attempt {row.number} ended: {_how(AttemptKind(kind), cause)}"))
             return len(rows)

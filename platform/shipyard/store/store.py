@@ -169,14 +169,15 @@ class Store(TenancyMixin, MetricsMixin, RunsMixin):
         Raises :class:`IllegalTransition` if the machine forbids the edge, :class:`StaleTransition`
         if the job is no longer in ``expected``, :class:`JobNotFound` if there is no such job.
         RUNNING sets ``started_at`` the first time; a terminal state sets ``ended_at``; requeueing
-        (-> QUEUED) drops the backend handle of the run that was preempted.
+        (-> QUEUED) drops the backend handle of the run that was preempted. ``cause`` and
+        ``message`` say why the job is in ``target``, so they replace the job's, None included: a
+        job that finishes does not keep saying "running as ...", one restarting says nothing of
+        the run it had.
         """
         expected, target = parse_state(expected), parse_state(target)
         check_transition(expected, target, job_id)
         now = now or utcnow()
-        values: dict[str, Any] = {"state": target.value, "updated_at": now}
-        if cause is not None or message is not None:
-            values.update(cause=cause, message=message)
+        values: dict[str, Any] = {"state": target.value, "updated_at": now, "cause": cause, "message": message}
         if backend_handle is not _UNSET:
             values["backend_handle"] = backend_handle
         if target is JobState.RUNNING:

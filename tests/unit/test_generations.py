@@ -95,3 +95,15 @@ def test_a_rank_stuck_in_a_broken_group_is_told_to_exit_after_the_grace_period()
     assert "rank 0 was still in process group 0" in verdict.message
     second = board.join(1, 2, None)  # the next group forms without the stuck rank's old process
     assert board.heartbeat(1, 0, False, second) is None
+
+
+def test_a_rank_failing_after_its_peer_finished_is_not_replaced_to_wait_for_it_forever():
+    board = Board(max_failures=3, world=2)
+    formed(board)
+    board.rank_finished(1)  # rank 1's train(ctx) returned; then rank 0 fails at the very end
+    refused = board.attempt_failed("rank 0: NonFiniteMetric: loss is nan at step 92", "failed",
+                                   "NonFiniteMetric: loss is nan at step 92")
+    assert refused.startswith("rank 1 had already finished training when the attempt failed "
+                              "(rank 0: NonFiniteMetric: loss is nan at step 92)")
+    number = board.join(0, 2, MASTER)  # a replacement that Ray started anyway is refused, not left waiting
+    assert board.formed(number).state is G.REFUSED

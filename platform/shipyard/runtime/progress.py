@@ -115,6 +115,25 @@ class Rendezvous:
         self.generation = Generation()
         self.beats: dict[int, Beat] = {}
         self.stall: Stall | None = None
+        self.done: set[int] = set()  # ranks whose train(ctx) returned (in-place recovery only)
+
+    def finished(self, rank: int) -> None:
+        """Rank ``rank``'s training function returned and its process leaves the run."""
+        self.done.add(rank)
+
+    def cannot_regroup(self) -> str | None:
+        """Why a lost rank cannot be replaced in place: a peer already finished and will not join
+        the next process group (a failure at the very end). Sets the ledger's refusal."""
+        if not self.done:
+            return None
+        ledger = self.log.ledger
+        if ledger.exhausted is None:
+            ranks = ", ".join(str(r) for r in sorted(self.done))
+            last = ledger.attempts[-1].cause if ledger.attempts else None
+            ledger.exhausted = (f"rank {ranks} had already finished training when the attempt failed"
+                                f"{f' ({last})' if last else ''}, so its process group cannot form again; "
+                                "run the job again to resume from its last checkpoint")
+        return ledger.exhausted
 
     def join(self, rank: int, world: int, master: tuple[str, int] | None) -> int:
         """A rank is ready for a process group of ``world`` ranks (rank 0 brings the address the
@@ -124,6 +143,8 @@ class Rendezvous:
             self.break_(f"rank {rank} left the process group")
         if g.state is G.BROKEN:
             g.start_forming(world, time.time())
+        if g.state is G.FORMING and self.cannot_regroup():
+            g.state = G.REFUSED  # a finished rank would never join: do not wait for it
         if g.state is G.FORMING:
             g.members[rank] = master
             if len(g.members) >= g.world:
@@ -217,6 +238,10 @@ class Board:
     def update(self, **progress: Any) -> None:
         self.log.update(**progress)
 
+    def rank_finished(self, rank: int) -> None:
+        """From a rank whose ``train(ctx)`` returned, when failed ranks are replaced in place."""
+        self.rendezvous.finished(rank)
+
     def reached(self, step: int) -> None:
         """From a rank whose attempt is failing: the step it got to (for steps lost)."""
         self.log.ledger.progress(step, time.time())
@@ -235,7 +260,7 @@ class Board:
             # a rank exited because it stalled: say so, not just "process died"
             cause, kind, error = stall.message, AttemptKind.FAILED, None
         self.log.attempt_failed(cause, AttemptKind(kind), error)
-        return self.log.ledger.refusal()
+        return self.log.ledger.refusal() or self.rendezvous.cannot_regroup()
 
     # -- the driver -----------------------------------------------------------------------------
     def snapshot(self) -> RunSnapshot:

@@ -122,7 +122,7 @@ class Publisher:
             self._sent = position
             self._send(position, metrics, event, extra)
         if bad and self.nan_policy == "fail":
-            raise NonFiniteMetric(bad[0] + " (nan_policy: fail; nan_policy: warn trains on)")
+            raise NonFiniteMetric(bad[0] + " (nan_policy: fail; with nan_policy: warn the job would train on)")
 
     def _non_finite(self, metrics: dict[str, Any]) -> list[str]:
         """``"loss is nan at step 37"`` for each user metric that is not finite (under ``warn``,

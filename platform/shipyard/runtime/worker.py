@@ -93,5 +93,7 @@ def train_loop(config: dict) -> None:
         ctx.close()  # a checkpoint the user took last must be committed before the job ends
         preemption.finished()  # the SIGTERM Ray stops the workers with is no preemption
         ctx.finished()
+        if config.get("replace_failed_ranks"):  # a peer failing now cannot regroup with this rank
+            ray.get(board.rank_finished.remote(rank))
         regroup.leave()
         return

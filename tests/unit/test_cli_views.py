@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from shipyard.runtime.report import known_step
 from shipyard.scheduler.decide import decide
 from shipyard.scheduler.loop import SchedulerLoop
 from shipyard.store import JobState, Store
+
+from inprocess_cli import shipyard
 
 S = JobState
 TENANT = "a-team-with-a-long-name"
@@ -71,15 +72,6 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_client", client)
     yield store, loop
     store.close()
-
-
-def shipyard(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """``shipyard ARGS`` in this process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["shipyard", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
 
 
 def running(store: Store, priority: int = 0, step: int = 120) -> str:

@@ -6,18 +6,18 @@ SQLite store; the CLI in-process)."""
 from __future__ import annotations
 
 import json
-import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
 
-from shipyard import cli
 from shipyard.api import ApiConfig, create_app
 from shipyard.errors import UserError
 from shipyard.store import Store
 from shipyard.store import tenancy
 from shipyard.store.tenancy import token_lifetime
+
+from inprocess_cli import shipyard
 
 
 @pytest.fixture
@@ -164,15 +164,6 @@ def test_an_expired_token_is_refused_even_from_the_cache(api, monkeypatch):
 
 
 # -- the CLI --------------------------------------------------------------------------------
-
-def shipyard(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """``shipyard ARGS`` in this process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["shipyard", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
-
 
 def test_create_token_refuses_an_unknown_tenant_unless_told_to_create_it(capsys, monkeypatch, db):
     code, out, err = shipyard(capsys, monkeypatch, "admin", "create-token", "--tenant", "typo", "--database-url", db)

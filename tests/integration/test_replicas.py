@@ -93,8 +93,8 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
 
 def role(server: Server) -> str | None:
     """``leader`` or ``standby``, as the replica's /healthz says; None if it does not answer."""
-    try:
-        return httpx.get(server.url + "/healthz", timeout=2).json().get("scheduler")
+    try:  # /healthz asks the store and the Ray dashboard: seconds on 2 loaded cores
+        return httpx.get(server.url + "/healthz", timeout=10).json().get("scheduler")
     except httpx.HTTPError:
         return None
 
@@ -213,7 +213,9 @@ def test_two_replicas_on_one_postgresql_never_oversubscribe_and_the_standby_take
 
         while not drained() or time.monotonic() - frozen_at < 2 * RETRY_S + 1:
             assert time.monotonic() - frozen_at < 300, f"the runs did not end in 300 s: {states()}"
-            assert one_leader_at_most([standby]) == ["standby"]
+            # never the leader (a slow /healthz, None, is no answer, not a takeover); that it
+            # admitted nothing is checked from the store below
+            assert one_leader_at_most([standby]) != ["leader"], "the standby took over from a hung leader"
             time.sleep(POLL_S)
         assert sum(map(len, admissions(store, ids).values())) == admitted, \
             "a job was admitted while the leader, hung, still held the scheduler lock"

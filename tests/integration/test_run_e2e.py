@@ -78,6 +78,7 @@ def test_digits_trains_checkpoints_to_s3_and_resumes(bucket, s3_endpoint, ray_ad
     line = re.search(r"latest checkpoint: " + re.escape(ckpt) + r"/(fresh-\d{8}-\d{6})/step-000000023", third.stdout)
     assert line, third.stdout[-2000:]
     assert fs.exists(f"{bucket}/checkpoints/digits/step-000000690/COMMIT.json")  # nothing deleted
+    fs.invalidate_cache()  # this client listed the prefix before the run wrote LINE.json
     assert json.loads(fs.cat_file(f"{bucket}/checkpoints/digits/LINE.json")) == {"line": line.group(1)}
     fourth = shipyard("run", JOB, *short[:-1], "dataset.epochs=2", env=env)
     assert fourth.returncode == 0, fourth.stdout + fourth.stderr

@@ -11,11 +11,6 @@ raise :class:`Preempted`. The rank that got the notice leaves; Ray Train replace
 elastic and Horovod jobs, the whole group), and the next generation resumes from that
 checkpoint: no step is lost. Ranks without a notice stay for that generation (``regroup.py``). If the checkpoint is not committed within ``grace_s`` of the
 notice, the process exits as SIGTERM would have made it (status 143).
-
-Once this rank's ``train(ctx)`` has returned (:func:`finished`), SIGTERM is no longer a preemption
-notice: Ray stops every worker with SIGTERM when a run ends, and a finished run has nothing to
-checkpoint. The signal then goes, silently, to the handler that was there before :func:`install`
-(Ray's, which exits the worker as it would without shipyard).
 """
 
 from __future__ import annotations
@@ -29,10 +24,8 @@ import time
 log = logging.getLogger(__name__)
 
 _notice = threading.Event()
-_finished = threading.Event()
 _received_at: float | None = None
 _reason: str = "received SIGTERM"
-_previous: object = signal.SIG_DFL  # the SIGTERM handler install() replaced
 
 
 class Preempted(RuntimeError):
@@ -58,28 +51,9 @@ def request(why: str, grace_s: float) -> None:
     _on_sigterm(grace_s)
 
 
-def finished() -> None:
-    """This rank's ``train(ctx)`` returned: a SIGTERM from now on is the end of the run, not a notice."""
-    _finished.set()
-
-
-def _on_signal(grace_s: float) -> None:
-    if _finished.is_set():
-        _pass_on()
-    else:
-        _on_sigterm(grace_s)
-
-
-def _pass_on() -> None:
-    """SIGTERM once more, to the handler install() replaced (Ray's: the worker exits quietly)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _previous if _previous is not None else signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _on_sigterm(grace_s: float) -> None:
     global _received_at
-    if _notice.is_set() or _finished.is_set():
+    if _notice.is_set():
         return
     _received_at = time.monotonic()
     _notice.set()
@@ -98,9 +72,8 @@ def _expire(grace_s: float) -> None:
 
 def install(grace_s: float) -> bool:
     """Handle SIGTERM by recording a notice. Must run on the process's main thread."""
-    global _previous
     if threading.current_thread() is not threading.main_thread():
         log.warning("preemption notice not armed: not on the main thread")
         return False
-    _previous = signal.signal(signal.SIGTERM, lambda signum, frame: _on_signal(grace_s))
+    signal.signal(signal.SIGTERM, lambda signum, frame: _on_sigterm(grace_s))
     return True

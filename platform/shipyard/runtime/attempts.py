@@ -31,7 +31,7 @@ def out_of_memory(e: BaseException) -> str | None:
     """``"CUDA out of memory (tried to allocate 2.00 GiB)"`` and the like when ``e`` is an
     allocation failure (torch's CUDA or CPU allocator, Python's MemoryError), else None."""
     text = str(e)
-    if type(e).__name__ == "OutOfMemoryError" and "CUDA" in text or "CUDA out of memory" in text:
+    if "CUDA out of memory" in text or (type(e).__name__ == "OutOfMemoryError" and "CUDA" in text):
         m = _CUDA_ALLOC.search(text)
         return "CUDA out of memory" + (f" (tried to allocate {m.group(1)})" if m else "")
     if "DefaultCPUAllocator: can't allocate memory" in text:

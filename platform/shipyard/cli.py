@@ -33,6 +33,8 @@ app.add_typer(admin_app, name="admin")
 
 console = Console()
 err_console = Console(stderr=True)
+# Piped (not a terminal), a line is never folded at 80 columns: a script or a log reads it whole.
+console.soft_wrap, err_console.soft_wrap = not console.is_terminal, not err_console.is_terminal
 
 
 FRESH_HELP = ("start from step 0 under a new line of checkpoints in checkpoint.uri (the older ones are kept; "
@@ -55,16 +57,27 @@ def run(
     set_: Annotated[list[str], typer.Option("--set", metavar="FIELD=VALUE",
                                             help="override a spec field, e.g. --set workers.count=4")] = [],
     fresh: Annotated[bool, typer.Option("--fresh", help=FRESH_HELP)] = False,
+    ranks: Annotated[str, typer.Option("--ranks", metavar="all|N[,N...]",
+                                       help="whose output to show: every rank's (all), or these ranks'")] = "all",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="also show Ray's own lines: its INFO messages, its controller's "
+                                               "and raylets' output")] = False,
 ) -> None:
-    """Run a job in the foreground on a local Ray (or RAY_ADDRESS); resumes from its latest checkpoint."""
+    """Run a job in the foreground on a local Ray (or RAY_ADDRESS); resumes from its latest checkpoint.
+
+    Each line a rank prints is shown once, as "[rank N] line" (rank 0's too); lines without a
+    prefix are shipyard's own. Colours and other escape codes are kept on a terminal only.
+    """
     from shipyard.config import enable_ray_token_auth
 
     enable_ray_token_auth()  # before anything imports ray
     from shipyard.display import RunView
     from shipyard.runtime import report
     from shipyard.runtime.launcher import launch
+    from shipyard.runtime.output import OutputOptions, RankOutput, parse_ranks
     from shipyard.spec import load_spec
 
+    options = OutputOptions(ranks=parse_ranks(ranks), verbose=verbose, keep_ansi=console.is_terminal)
     spec = load_spec(spec_file, fresh_start(spec_file, set_) if fresh else set_)
     w = spec.workers
     console.print(f"[bold]{spec.name}[/bold]: {f'{w.min}-{w.count} (elastic)' if w.elastic else w.count} workers"
@@ -74,7 +87,8 @@ def run(
     # SIGTERM into a checkpoint; for a user's own run the session does nothing.
     with report.session(spec) as session, RunView(console, spec) as view:
         try:
-            result = launch(spec, on_progress=report.chain(view.update, session.update))
+            result = launch(spec, on_progress=report.chain(view.update, session.update),
+                            output=RankOutput(view.write_line, options))
         except UserError as e:
             session.finish(False, str(e), user_error=True)
             raise
@@ -405,15 +419,18 @@ def list_(state: Annotated[str | None, typer.Option(help="only these states, com
 @app.command()
 def logs(job_id: Annotated[str, typer.Argument(help="job id")],
          follow: Annotated[bool, typer.Option("-f", "--follow", help="stream until the job ends")] = False,
-         tail: Annotated[int, typer.Option(help="last lines")] = 1000, url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """A job's output (its driver's, i.e. `shipyard run`'s)."""
+         tail: Annotated[int, typer.Option(help="last lines")] = 1000,
+         rank: Annotated[int | None, typer.Option("--rank", min=0, help="only this rank's lines (those "
+                                                                          "prefixed [rank N])")] = None,
+         url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """A job's output (its driver's, i.e. `shipyard run`'s): each rank's lines prefixed "[rank N]"."""
     with _client(url, token) as c:
         if follow:
-            for chunk in c.follow_logs(job_id):
+            for chunk in c.follow_logs(job_id, rank=rank):
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
         else:
-            sys.stdout.write(c.logs(job_id, tail))
+            sys.stdout.write(c.logs(job_id, tail, rank=rank))
 
 
 @app.command()

@@ -265,15 +265,20 @@ class Client:
         summary, now CANCELLED. ``Conflict`` (409) if it has already ended."""
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
-    def logs(self, job_id: str, tail: int | None = 1000) -> str:
-        """The job's driver output so far (its last ``tail`` lines; None or 0: all the server has)."""
-        params = {"tail": tail} if tail else {}
+    def logs(self, job_id: str, tail: int | None = 1000, rank: int | None = None) -> str:
+        """The job's driver output so far: its last ``tail`` lines (None or 0: all the server
+        has), of rank ``rank``'s lines only when given (the ``[rank N]`` prefix)."""
+        params: dict = {"tail": tail} if tail else {}
+        if rank is not None:
+            params["rank"] = rank
         return self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
-    def follow_logs(self, job_id: str) -> Iterator[str]:
-        """The job's output as it is written, in chunks of text, until its run ends."""
+    def follow_logs(self, job_id: str, rank: int | None = None) -> Iterator[str]:
+        """The job's output as it is written, in chunks of text, until its run ends (rank
+        ``rank``'s lines only, when given)."""
+        params: dict = {"follow": "true"} if rank is None else {"follow": "true", "rank": rank}
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None) as r:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise _error(r)

@@ -1,16 +1,22 @@
-"""Rich rendering of a run: a live progress bar on a terminal, plain periodic lines otherwise."""
+"""Rich rendering of a run: a live progress bar on a terminal, plain periodic lines otherwise.
+
+Throughput is one figure, the measured built-in ``samples_per_s`` (``runtime/meter.py``: rank 0's
+step clock), in the live line and in the summary's metrics alike. The ranks' output lines come
+through :meth:`RunView.write_line` (``runtime/output.py`` routes them), above the bar on a terminal.
+"""
 
 from __future__ import annotations
 
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from shipyard.run.records import AttemptKind, AttemptRecord, RunSnapshot
 from shipyard.runtime.launcher import RunResult
 from shipyard.runtime.meter import BUILTIN
-from shipyard.runtime.progress import Rate
 from shipyard.spec import JobSpec
 
 LINE_EVERY_S = 5.0
@@ -23,9 +29,9 @@ def _fmt(v) -> str:
 class RunView:
     def __init__(self, console: Console, spec: JobSpec):
         self.console, self.spec = console, spec
-        self.rate = Rate()
         self.events_shown = 0
         self.last_line = 0.0
+        self.last_step = -1
         self.live = console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -40,14 +46,17 @@ class RunView:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
+    def write_line(self, line: str) -> None:
+        """One line of a rank's output (already prefixed; escapes only on a terminal, which
+        renders them). Not markup, not highlighted, never wrapped."""
+        text = Text.from_ansi(line) if self.console.is_terminal else Text(line)
+        self.console.print(text, soft_wrap=True, highlight=False)
+
     def info(self, snap: RunSnapshot) -> str:
-        """The user's first metrics, then throughput (the built-in rates when reported)."""
+        """The user's first metrics, then the measured throughput (built-in rates)."""
         metrics = snap.metrics
         parts = [f"{k}={_fmt(v)}" for k, v in metrics.items() if k not in BUILTIN][:4]
-        sps = metrics.get("samples_per_s")
-        if not sps and self.rate.per_second:
-            sps = self.rate.per_second * snap.samples_per_step
-        if sps:
+        if sps := metrics.get("samples_per_s"):
             parts.append(f"{sps:,.0f} samples/s")
         if metrics.get("tokens_per_s"):
             parts.append(f"{metrics['tokens_per_s']:,.0f} tokens/s")
@@ -55,30 +64,16 @@ class RunView:
 
     def update(self, snap: RunSnapshot) -> None:
         now = time.monotonic()
-        if snap.total:
-            self.rate.add(now, snap.step)
         unseen = min(snap.events_total - self.events_shown, len(snap.events))
         for e in snap.events[len(snap.events) - unseen:] if unseen > 0 else []:
             self.console.print(f"[dim]·[/dim] {e.message}", soft_wrap=True, highlight=False)
         self.events_shown = snap.events_total
         info = self.info(snap)
         self.progress.update(self.task, completed=snap.step, total=snap.total or None, info=info)
-        if not self.live and snap.total and now - self.last_line >= LINE_EVERY_S:
-            self.last_line = now
+        if not self.live and snap.total and now - self.last_line >= LINE_EVERY_S and snap.step != self.last_step:
+            self.last_line, self.last_step = now, snap.step  # a line when the step moved, not the same one again
             self.console.print(f"{self.spec.name}: step {snap.step}/{snap.total} epoch {snap.epoch}  {info}",
                                soft_wrap=True, highlight=False)
-
-    @staticmethod
-    def throughput(snap: RunSnapshot) -> str:
-        """Average samples/s over the current attempt's training steps (start-up excluded)."""
-        last = snap.last_attempt
-        if last is None or not snap.updated:
-            return ""
-        steps = snap.step - (last.start_step or 0)
-        seconds = snap.updated - last.start
-        if steps <= 0 or seconds <= 0:
-            return ""
-        return f", {steps * snap.samples_per_step / seconds:,.0f} samples/s"
 
     def summary(self, result: RunResult) -> None:
         snap = result.snapshot
@@ -87,20 +82,20 @@ class RunView:
         if result.ok:
             self.console.print(f"[green]✓[/green] {self.spec.name} finished: step {snap.step}/"
                                f"{snap.total} in {result.seconds:.1f}s, {_workers(self.spec, snap)} workers, "
-                               f"{attempts} attempt{'s' * (attempts > 1)}{self.throughput(snap)}", highlight=False)
+                               f"{attempts} attempt{'s' * (attempts > 1)}", highlight=False, soft_wrap=True)
         else:
             self.console.print(f"[red]✗[/red] {self.spec.name} failed at step {snap.step} after "
-                               f"{result.seconds:.1f}s: {result.error}")
+                               f"{result.seconds:.1f}s: {escape(result.error or '')}", soft_wrap=True)
         if metrics:
-            self.console.print(f"  metrics: {metrics}")
+            self.console.print(f"  metrics: {metrics}", highlight=False, soft_wrap=True)
         if len(snap.attempts) > 1 or any(a.cause for a in snap.attempts):
             self.console.print("  attempts:")
             for line in attempt_lines(snap.attempts):
                 self.console.print(f"    {line}", soft_wrap=True, highlight=False)
         if snap.checkpoint:
-            self.console.print(f"  latest checkpoint: {snap.checkpoint}")
+            self.console.print(f"  latest checkpoint: {snap.checkpoint}", highlight=False, soft_wrap=True)
         elif self.spec.checkpoint:
-            self.console.print(f"  checkpoints: {self.spec.checkpoint.uri}")
+            self.console.print(f"  checkpoints: {self.spec.checkpoint.uri}", highlight=False, soft_wrap=True)
 
 
 def _workers(spec, snap: RunSnapshot) -> str:

@@ -309,3 +309,76 @@ def test_quiet_controller_log_drops_only_the_named_error_once_installed_twice():
 
     assert not ours[0].filter(record(ControllerError(Ended("stop"))))
     assert ours[0].filter(record(ValueError("a real crash")))
+
+# -- the driver: worker output --------------------------------------------------------------------
+
+OUTPUT_USE = "print each rank's output once as [rank N] line instead of Ray's printer (runtime/output.py)"
+LOGGING = "ray._private.ray_logging"
+
+
+def test_stdstream_dispatcher_and_rays_printer():
+    dispatcher = private(LOGGING, "global_worker_stdstream_dispatcher", OUTPUT_USE)
+    for method, head in (("add_handler", ["self", "name", "handler"]), ("remove_handler", ["self", "name"]),
+                         ("emit", ["self", "data"])):
+        fn = getattr(type(dispatcher), method, None)
+        assert callable(fn) and params(fn) == head, tripped(
+            f"{LOGGING}.WorkerStandardStreamDispatcher.{method}", OUTPUT_USE, f"expected parameters {head}")
+    assert isinstance(getattr(dispatcher, "handlers", None), list), tripped(
+        f"{LOGGING}.global_worker_stdstream_dispatcher.handlers", OUTPUT_USE, "no longer a list of (name, handler)")
+    worker = importlib.import_module("ray._private.worker")
+    assert worker.global_worker_stdstream_dispatcher is dispatcher, tripped(
+        "ray._private.worker.global_worker_stdstream_dispatcher", OUTPUT_USE, "the driver emits into another one")
+    connect = inspect.getsource(worker.connect)
+    assert f'"{ray_adapter.RAY_PRINTER}"' in connect and "print_to_stdstream" in connect, tripped(
+        "ray._private.worker.connect", OUTPUT_USE, f"log_to_driver no longer adds {ray_adapter.RAY_PRINTER!r}")
+    assert "global_worker_stdstream_dispatcher.emit(data)" in inspect.getsource(worker.Worker.print_logs), tripped(
+        "ray._private.worker.Worker.print_logs", OUTPUT_USE, "worker output no longer reaches the dispatcher")
+
+
+def test_the_log_monitor_publishes_the_keys_the_adapter_reads():
+    monitor = private("ray._private.log_monitor", "LogMonitor", OUTPUT_USE)
+    source = inspect.getsource(monitor.check_log_files_and_publish_updates)
+    for key in ("ip", "pid", "is_err", "lines", "actor_name", "task_name"):
+        assert f'"{key}":' in source, tripped(f"LogMonitor.check_log_files_and_publish_updates[{key!r}]",
+                                              OUTPUT_USE, "the published batch no longer has the key")
+    # What the driver's printer reads from the batch it is handed (the same keys, after the wire)
+    printer = inspect.getsource(importlib.import_module("ray._private.worker").print_worker_logs)
+    for read in ('data.get("pid")', 'data.get("ip")', 'data.get("actor_name")', 'data.get("task_name")',
+                 'data.get("lines"'):
+        assert read in printer, tripped("ray._private.worker.print_worker_logs", OUTPUT_USE, f"no longer reads {read}")
+    assert 'data["is_err"]' in inspect.getsource(importlib.import_module("ray._private.worker").print_to_stdstream)
+    # On the wire the pid is a string: the adapter makes a number of it.
+    batch = private("ray.core.generated.logging_pb2", "LogBatch", OUTPUT_USE)
+    from google.protobuf.descriptor import FieldDescriptor
+
+    pid = batch.DESCRIPTOR.fields_by_name.get("pid")
+    assert pid is not None and pid.type == FieldDescriptor.TYPE_STRING, tripped(
+        "ray.core.generated.logging_pb2.LogBatch.pid", OUTPUT_USE, "no longer a string (see _worker_lines)")
+
+
+def test_route_worker_output_replaces_rays_printer_and_gives_it_back(monkeypatch):
+    dispatcher = private(LOGGING, "global_worker_stdstream_dispatcher", OUTPUT_USE)
+    printed, got = [], []
+    monkeypatch.setattr(dispatcher, "handlers", [(ray_adapter.RAY_PRINTER, printed.append)])
+    stop = ray_adapter.route_worker_output(got.append)
+    dispatcher.emit({"ip": "10.0.0.1", "pid": "42", "job": "01000000", "is_err": True, "lines": ["a", "b"],
+                     "actor_name": "RayTrainWorker", "task_name": None, "localhost": "10.0.0.1"})
+    assert printed == [] and got == [ray_adapter.WorkerLines(pid=42, ip="10.0.0.1", is_err=True, lines=("a", "b"),
+                                                             actor="RayTrainWorker", task=None)]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    stop()
+    dispatcher.emit({"pid": "raylet", "lines": ["c"]})
+    assert [n for n, _ in dispatcher.handlers] == [ray_adapter.RAY_PRINTER] and len(printed) == 1 and len(got) == 1
+    stop = ray_adapter.route_worker_output(got.append)
+    stop(give_back=False)  # a driver that stops printing worker output for good
+    assert dispatcher.handlers == []
+
+
+def test_print_patch_env():
+    use = "make print() on a worker write its line once, to stdout (runtime/launcher.py)"
+    constants = "ray.train.v2._internal.constants"
+    name = private(constants, "ENABLE_PRINT_PATCH_ENV_VAR", use)
+    assert name == ray_adapter.PRINT_PATCH_ENV, tripped(f"{constants}.ENABLE_PRINT_PATCH_ENV_VAR", use, f"now {name!r}")
+    patch = private("ray.train.v2._internal.logging.patch_print", "patch_print_function", use)
+    assert "ENABLE_PRINT_PATCH_ENV_VAR" in inspect.getsource(patch), tripped(
+        "ray.train.v2._internal.logging.patch_print.patch_print_function", use, "no longer reads the variable")

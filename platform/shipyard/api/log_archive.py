@@ -11,6 +11,12 @@ so a chatty job costs at most that much disk per run. A server restarted while a
 tails it again from the start and skips what it already has (``<run>.offset`` counts every
 character ever archived, cut ones included). A run whose stream ended is marked ``.done``.
 
+Plain text: what is stored is cleaned line by line (:func:`shipyard.loglines.clean`): no
+terminal escape codes (a driver on a terminal, or a user's coloured output, would otherwise put
+them in every reader's page) and not Ray's "Running entrypoint for job ..." line (the backend's
+shell command). The archiver hands over whole lines only (a chunk may end inside an escape
+sequence); the offset counts the characters received, cleaned away or not.
+
 The archive is what ``GET /v1/jobs/{id}/logs`` answers from once it holds anything for the job
 (every run in order, a header line between runs); before that, the backend's live log. With
 several server replicas each archives on its own (the files are per data dir).
@@ -24,6 +30,8 @@ import logging
 import os
 import re
 from pathlib import Path
+
+from shipyard.loglines import LineBuffer, clean, last_lines, only_rank
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 50 << 20
@@ -50,17 +58,19 @@ class LogArchive:
         except (OSError, ValueError):
             return 0
 
-    def append(self, job_id: str, run: str, text: str) -> None:
-        if not text:
+    def append(self, job_id: str, run: str, received: str) -> None:
+        """Store ``received`` (whole lines of the run's output), cleaned; count all of it."""
+        if not received:
             return
         path = self._file(job_id, run, ".log")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8", errors="replace") as f:
-            f.write(text)
-            size = f.tell()
-        if size > self.max_bytes:
-            self._cut(path)
-        self._file(job_id, run, ".offset").write_text(str(self.offset(job_id, run) + len(text)))
+        if text := clean(received):
+            with open(path, "a", encoding="utf-8", errors="replace") as f:
+                f.write(text)
+                size = f.tell()
+            if size > self.max_bytes:
+                self._cut(path)
+        self._file(job_id, run, ".offset").write_text(str(self.offset(job_id, run) + len(received)))
 
     def _cut(self, path: Path) -> None:
         """Keep the newest half (from a line start), so the file stays under ``max_bytes``."""
@@ -86,19 +96,20 @@ class LogArchive:
         names = [p.stem for p in d.glob("*.log")]
         return sorted(names, key=lambda r: (len(r), r))
 
-    def read(self, job_id: str, tail: int | None = None) -> str | None:
-        """Every archived run's output, oldest first; None when nothing was archived."""
+    def read(self, job_id: str, tail: int | None = None, rank: int | None = None) -> str | None:
+        """Every archived run's output, oldest first (only rank ``rank``'s lines, when given:
+        no run headers then); None when nothing was archived."""
         runs = self.runs(job_id)
         if not runs:
             return None
         parts = []
         for run in runs:
             text = self._file(job_id, run, ".log").read_text(encoding="utf-8", errors="replace")
-            parts.append(f"==> run {run} <==\n{text}" if len(runs) > 1 else text)
-        out = "".join(parts)
-        if tail is not None:
-            out = "".join(out.splitlines(keepends=True)[-tail:])
-        return out
+            if rank is not None:
+                parts.append(only_rank(text, rank))
+            else:
+                parts.append(f"==> run {run} <==\n{text}" if len(runs) > 1 else text)
+        return last_lines("".join(parts), tail)
 
 
 class LogArchiver:
@@ -132,12 +143,14 @@ class LogArchiver:
     async def _tail(self, job_id: str, run: str) -> None:
         skip = self.archive.offset(job_id, run)  # a restarted server replays the stream from its start
         seen = 0
+        lines = LineBuffer()  # whole lines only: a chunk may end inside an escape sequence
         try:
             async for chunk in self.backend.tail_logs(run):
-                new = chunk[max(0, skip - seen):]
+                new = lines.feed(chunk[max(0, skip - seen):])
                 seen += len(chunk)
                 if new:
                     await asyncio.to_thread(self.archive.append, job_id, run, new)
+            await asyncio.to_thread(self.archive.append, job_id, run, lines.rest())
             self.archive.mark_done(job_id, run)  # the stream ends when the run does
         except asyncio.CancelledError:
             raise

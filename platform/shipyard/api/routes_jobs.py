@@ -25,6 +25,7 @@ from shipyard.api.errors import ApiError
 from shipyard.api.schemas import (AttemptOut, CheckpointOut, Created, EventOut, JobDetail, JobList, JobSummary,
                                   MetricPointOut, MetricsOut, RunOut)
 from shipyard.errors import SpecError, UserError
+from shipyard.loglines import acleaned, clean, last_lines, only_rank
 from shipyard.spec import JobSpec
 from shipyard.store import JobState
 from shipyard.store.records import PREEMPTED_BY
@@ -193,26 +194,30 @@ def cancel(request: Request, who: Caller, job_id: str) -> JobSummary:
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {}}, "description": "the driver's output"}})
 async def logs(request: Request, who: Caller, job_id: str, follow: bool = False,
-               tail: Annotated[int | None, Query(ge=1, le=100_000)] = 1000) -> Response:
+               tail: Annotated[int | None, Query(ge=1, le=100_000)] = 1000,
+               rank: Annotated[int | None, Query(ge=0, le=1_000_000, description="only this rank's lines "
+                                                                                 "(prefixed [rank N])")] = None) -> Response:
     """The job's driver output (``shipyard run``'s); ``follow=true`` streams until the run ends.
     Answered from the server's archive of the job's runs once it holds any (it outlives the Ray
     head), else from the backend; 410 when the job ran but its logs are gone from both.
     A followed stream is an asynchronous iterator on the event loop: when the client goes away
-    it is cancelled there and then, holding no thread."""
+    it is cancelled there and then, holding no thread. Either way plain text: escape codes and
+    Ray's job plumbing removed (:mod:`shipyard.loglines`); ``rank``: that rank's lines only."""
     job = await run_in_threadpool(_job, request, who, job_id)
     backend, archive = request.app.state.backend, request.app.state.logs
     live = backend is not None and job.backend_handle and job.state not in TERMINAL
     if follow and live and hasattr(backend, "follow_logs"):
-        return StreamingResponse(backend.follow_logs(job.backend_handle), media_type="text/plain")
-    archived = await run_in_threadpool(archive.read, job_id, tail) if archive is not None else None
+        return StreamingResponse(acleaned(backend.follow_logs(job.backend_handle), rank), media_type="text/plain")
+    archived = await run_in_threadpool(archive.read, job_id, tail, rank) if archive is not None else None
     if archived is not None:
         return PlainTextResponse(archived)
     text = ""
     if backend is not None and job.backend_handle:
         try:
-            text = await run_in_threadpool(backend.logs, job.backend_handle, tail=tail)
+            text = await run_in_threadpool(backend.logs, job.backend_handle, tail=tail if rank is None else None)
         except BackendError:
             text = ""
+        text = clean(text) if rank is None else last_lines(only_rank(clean(text), rank), tail)
     if not text and archive is not None and job.state in TERMINAL and job.started_at is not None:
         raise ApiError(410, f"the logs of job {job_id} are gone: its run {job.backend_handle} is no longer on "
                             "the backend and this server has no copy of them", "logs_gone")

@@ -115,6 +115,15 @@ class MetricPoint(_Record):
     values: dict[str, float | None] = Field(max_length=1000)
 
 
+class RankProcess(_Record):
+    """A training worker process and the rank it runs, as the rank registered it on the Board:
+    how the driver knows whose output a line of a Ray worker process is (``runtime/output.py``)."""
+
+    rank: NonNegative
+    pid: int
+    node_ip: str
+
+
 class RunSnapshot(_Record):
     """The Board's whole view of a run, as the driver reads it once a second."""
 
@@ -131,6 +140,7 @@ class RunSnapshot(_Record):
     attempts: list[AttemptRecord] = Field(default_factory=list)
     exhausted: str | None = None  # why no further attempt may start
     user_error: bool = False  # the last attempt ended in a user error
+    processes: list[RankProcess] = Field(default_factory=list)  # every rank's worker processes, oldest first
 
     @property
     def last_attempt(self) -> AttemptRecord | None:

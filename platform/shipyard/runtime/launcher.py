@@ -2,10 +2,15 @@
 
 ``shipyard run`` calls :func:`launch` in the foreground; submitted jobs (later) run the same
 function as their Ray job entrypoint, so both behave alike.
+
+With an ``output`` (:class:`~shipyard.runtime.output.RankOutput`), the workers' output reaches
+the driver through it rather than through Ray's printer: each rank's lines once, prefixed, and
+Ray's own INFO lines (the driver's ``ray`` logger, Ray Train's) only when it is verbose.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,7 +23,8 @@ from shipyard.checkpoint import CheckpointStore
 from shipyard.config import Settings, forwarded_env
 from shipyard.errors import UserError, chain
 from shipyard.run.records import RunSnapshot
-from shipyard.runtime.ray_adapter import loopback_only
+from shipyard.runtime.output import RankOutput
+from shipyard.runtime.ray_adapter import PRINT_PATCH_ENV, loopback_only, route_worker_output
 from shipyard.spec import JobSpec
 
 POLL_S = 1.0  # the driver shares the machine with the workers: poll gently
@@ -61,13 +67,17 @@ def preflight(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"line": store.line})})
 
 
-def connect(spec: JobSpec, settings: Settings) -> bool:
-    """Join RAY_ADDRESS if set, else start a private local Ray. Returns whether we started it."""
+def connect(spec: JobSpec, settings: Settings, verbose: bool = True) -> bool:
+    """Join RAY_ADDRESS if set, else start a private local Ray. Returns whether we started it.
+    Not ``verbose``: the driver's ``ray`` logger says only warnings ("Started a local Ray
+    instance" is not said)."""
     if ray.is_initialized():
         return False
     # Ray Train's controller polls worker health every 2 s by default; a dead worker is then seen
     # 1 s late on average. Polling every 0.5 s costs one small actor call per worker.
-    controller_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    controller_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+                      # print() on a worker writes its line once (stdout), not also to stderr
+                      PRINT_PATCH_ENV: os.environ.get(PRINT_PATCH_ENV, "0")}
     if spec.workers.elastic:
         # After a node is lost, Ray's view of free resources can lag for a few seconds; a group
         # sized on it then waits for workers that cannot be placed. Ray waits 60 s before it sizes
@@ -75,12 +85,13 @@ def connect(spec: JobSpec, settings: Settings) -> bool:
         controller_env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get(
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     runtime_env = {"working_dir": spec.workdir, "env_vars": {**controller_env, **forwarded_env(), **spec.env}}
+    level = logging.INFO if verbose else logging.WARNING
     if settings.ray_address:
-        ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True, logging_level=level)
         return False
     # The dashboard stays on: Ray Train V2 watches its controller through the State API it serves.
     # A private cluster listens on loopback only.
-    ray.init(address="local", runtime_env=runtime_env, log_to_driver=True, **loopback_only())
+    ray.init(address="local", runtime_env=runtime_env, log_to_driver=True, logging_level=level, **loopback_only())
     return True
 
 
@@ -99,8 +110,8 @@ def check_capacity(spec: JobSpec, local: bool) -> None:
         raise UserError("workers: the job needs " + "; ".join(problems) + f"; lower {field} or the per-worker resources")
 
 
-def _trainer(spec: JobSpec, board, settings: Settings):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def _trainer(spec: JobSpec, board, settings: Settings, verbose: bool = True):
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from shipyard.runtime.attempts import AttemptsCallback
     from shipyard.runtime.regroup import ShipyardTorchConfig
@@ -137,6 +148,9 @@ def _trainer(spec: JobSpec, board, settings: Settings):
             # preemptions (see runtime/attempts.py).
             failure_config=FailureConfig(max_failures=-1),
             callbacks=callbacks,
+            # Ray Train's INFO lines ("Started training worker group ...") on its controller's and
+            # workers' consoles; its log files under the Ray session keep every level.
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
 
@@ -150,17 +164,22 @@ def _on_this_node():
 
 
 def launch(spec: JobSpec, on_progress: Callable[[RunSnapshot], None] = lambda s: None,
-           settings: Settings | None = None) -> RunResult:
+           settings: Settings | None = None, output: RankOutput | None = None) -> RunResult:
+    """Run ``spec`` to its end; ``on_progress`` gets the board's snapshot every second. Without
+    ``output``, Ray prints the workers' output as it does by default."""
     from shipyard.runtime.progress import ProgressBoard
 
     settings = settings or Settings.from_env()
+    verbose = output is None or output.options.verbose
     spec = preflight(spec)
-    started_ray = connect(spec, settings)
+    callers_ray = ray.is_initialized()
+    started_ray = connect(spec, settings, verbose)
+    stop_output = route_worker_output(output.on_lines) if output is not None else None
     try:
         check_capacity(spec, local=started_ray)
         board = ProgressBoard.options(scheduling_strategy=_on_this_node()).remote(
             spec.max_failures, spec.workers.count, spec.stall_timeout_s, spec.retry_repeated_errors)
-        trainer = _trainer(spec, board, settings)
+        trainer = _trainer(spec, board, settings, verbose)
         outcome: dict = {}
 
         def fit() -> None:
@@ -175,9 +194,14 @@ def launch(spec: JobSpec, on_progress: Callable[[RunSnapshot], None] = lambda s:
         while thread.is_alive():
             thread.join(POLL_S)
             snapshot = ray.get(board.snapshot.remote())
+            if output is not None:
+                output.learn(snapshot.processes)
             on_progress(snapshot)
         seconds = time.monotonic() - t0
         snapshot = ray.get(board.snapshot.remote())
+        if output is not None:
+            output.learn(snapshot.processes)
+            output.drain()  # the ranks' last lines, before Ray's log thread stops
         if snapshot.exhausted:  # the ledger refused another attempt (then fit() raised RetryRefused)
             return RunResult(False, seconds, snapshot, snapshot.exhausted, snapshot.user_error)
         if "error" in outcome:
@@ -187,6 +211,11 @@ def launch(spec: JobSpec, on_progress: Callable[[RunSnapshot], None] = lambda s:
     finally:
         if started_ray:
             ray.shutdown()
+        if stop_output is not None:
+            # A Ray the caller started prints as it did before; ours says nothing more (its
+            # workers' late lines would land after the summary).
+            stop_output(give_back=callers_ray)
+            output.close()
 
 
 def explain(error: BaseException) -> tuple[str, bool]:

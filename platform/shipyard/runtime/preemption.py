@@ -11,6 +11,11 @@ raise :class:`Preempted`. The rank that got the notice leaves; Ray Train replace
 elastic and Horovod jobs, the whole group), and the next generation resumes from that
 checkpoint: no step is lost. Ranks without a notice stay for that generation (``regroup.py``). If the checkpoint is not committed within ``grace_s`` of the
 notice, the process exits as SIGTERM would have made it (status 143).
+
+Once this rank's ``train(ctx)`` has returned (:func:`finished`), SIGTERM is no longer a preemption
+notice: Ray stops every worker with SIGTERM when a run ends, and a finished run has nothing to
+checkpoint. The signal then goes, silently, to the handler that was there before :func:`install`
+(Ray's, which exits the worker as it would without shipyard).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import time
 log = logging.getLogger(__name__)
 
 _notice = threading.Event()
+_finished = threading.Event()
 _received_at: float | None = None
 _reason: str = "received SIGTERM"
+_previous: object = signal.SIG_DFL  # the SIGTERM handler install() replaced
 
 
 class Preempted(RuntimeError):
@@ -51,15 +58,35 @@ def request(why: str, grace_s: float) -> None:
     _on_sigterm(grace_s)
 
 
+def finished() -> None:
+    """This rank's ``train(ctx)`` returned: a SIGTERM from now on is the end of the run, not a notice."""
+    _finished.set()
+
+
+def _on_signal(grace_s: float) -> None:
+    if _finished.is_set():
+        _pass_on()
+    else:
+        _on_sigterm(grace_s)
+
+
+def _pass_on() -> None:
+    """SIGTERM once more, to the handler install() replaced (Ray's: the worker exits quietly)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _previous if _previous is not None else signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _on_sigterm(grace_s: float) -> None:
     global _received_at
-    if _notice.is_set():
+    if _notice.is_set() or _finished.is_set():
         return
     _received_at = time.monotonic()
     _notice.set()
-    # Only logged: Ray also sends SIGTERM when it tears a failed worker group down. A real notice
-    # shows up as the "preempted: ..." event once its checkpoint is committed.
-    log.info("SIGTERM: checkpointing at the next step boundary (grace period %.0fs)", grace_s)
+    # Not shown (debug): Ray also sends SIGTERM when it tears down a worker group whose run failed
+    # or may not retry, which is no preemption. A real notice shows up as the run's "preempted: ..."
+    # event once its checkpoint is committed (or as the error below when it is not).
+    log.debug("SIGTERM: checkpointing at the next step boundary (grace period %.0fs)", grace_s)
     timer = threading.Timer(grace_s, _expire, args=(grace_s,))
     timer.daemon = True
     timer.start()
@@ -72,8 +99,9 @@ def _expire(grace_s: float) -> None:
 
 def install(grace_s: float) -> bool:
     """Handle SIGTERM by recording a notice. Must run on the process's main thread."""
+    global _previous
     if threading.current_thread() is not threading.main_thread():
         log.warning("preemption notice not armed: not on the main thread")
         return False
-    signal.signal(signal.SIGTERM, lambda signum, frame: _on_sigterm(grace_s))
+    _previous = signal.signal(signal.SIGTERM, lambda signum, frame: _on_signal(grace_s))
     return True

@@ -2,7 +2,8 @@
 
 Two parts with one job each, behind the :class:`Board` the ranks and the driver call:
 
-- :class:`RunLog`: what the run reports: progress (rank 0 pushes at most once a second,
+- :class:`RunLog`: what the run reports: which worker process runs which rank (so the driver can
+  prefix each process's output with its rank), progress (rank 0 pushes at most once a second,
   fire-and-forget, so it costs the training loop nothing), events (the newest :data:`MAX_EVENTS`
   kept, with a running count so readers know what they missed), the attempts
   (:class:`~shipyard.run.ledger.Ledger`) and the latest committed checkpoint. The driver reads it
@@ -24,12 +25,13 @@ from typing import Any
 import ray
 
 from shipyard.run.ledger import Ledger
-from shipyard.run.records import AttemptKind, GenerationState, RendezvousAnswer, RunEvent, RunSnapshot
+from shipyard.run.records import AttemptKind, GenerationState, RankProcess, RendezvousAnswer, RunEvent, RunSnapshot
 from shipyard.runtime.watchdog import Beat, Stall, beat, find_stall
 
 # A rank whose process group broke has this long to leave it before its process is made to exit.
 LEAVE_GRACE_S = 10.0
 MAX_EVENTS = 1000  # a run's newest events kept on the board (the server keeps them all)
+MAX_PROCESSES = 1000  # worker processes remembered (a rank's replacements each add one)
 
 G = GenerationState
 
@@ -44,6 +46,14 @@ class RunLog:
         self.events: deque[RunEvent] = deque(maxlen=MAX_EVENTS)
         self.events_total = 0
         self.checkpoint: str | None = None
+        self.processes: dict[tuple[str, int], RankProcess] = {}
+
+    def process(self, rank: int, pid: int, node_ip: str) -> None:
+        """A worker process started rank ``rank`` (a process that ran another rank before: now this one)."""
+        self.processes.pop((node_ip, pid), None)
+        self.processes[(node_ip, pid)] = RankProcess(rank=rank, pid=pid, node_ip=node_ip)
+        while len(self.processes) > MAX_PROCESSES:
+            del self.processes[next(iter(self.processes))]
 
     def event(self, message: str, now: float | None = None) -> None:
         self.events.append(RunEvent(at=time.time() if now is None else now, message=message[:2000]))
@@ -75,7 +85,8 @@ class RunLog:
         return RunSnapshot(**self.progress, metrics=dict(self.metrics), checkpoint=self.checkpoint,
                            events=list(self.events), events_total=self.events_total,
                            attempts=[a.model_copy() for a in self.ledger.attempts],
-                           exhausted=self.ledger.exhausted, user_error=self.ledger.user_error)
+                           exhausted=self.ledger.exhausted, user_error=self.ledger.user_error,
+                           processes=list(self.processes.values()))
 
 
 @dataclass
@@ -207,6 +218,10 @@ class Board:
         self.rendezvous = Rendezvous(self.log, world, stall_timeout_s)
 
     # -- ranks: process groups and heartbeats --------------------------------------------------
+    def process(self, rank: int, pid: int, node_ip: str) -> None:
+        """From a rank's worker process as it starts: which process runs which rank."""
+        self.log.process(rank, pid, node_ip)
+
     def join(self, rank: int, world: int, master: tuple[str, int] | None) -> int:
         return self.rendezvous.join(rank, world, master)
 
@@ -253,25 +268,3 @@ class Board:
 
 
 ProgressBoard = ray.remote(num_cpus=0)(Board)
-
-
-@dataclass
-class Rate:
-    """Steps per second over a sliding window of (time, step) samples."""
-
-    window_s: float = 10.0
-    points: list[tuple[float, int]] = field(default_factory=list)
-
-    def add(self, t: float, step: int) -> None:
-        if self.points and step < self.points[-1][1]:
-            self.points.clear()  # a restart went back to a checkpoint
-        self.points.append((t, step))
-        while len(self.points) > 2 and t - self.points[0][0] > self.window_s:
-            self.points.pop(0)
-
-    @property
-    def per_second(self) -> float | None:
-        if len(self.points) < 2:
-            return None
-        (t0, s0), (t1, s1) = self.points[0], self.points[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None

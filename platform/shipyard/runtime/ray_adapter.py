@@ -36,6 +36,16 @@ What is used, and for what:
   from its GCS address (``backends/ray.py``).
 - ``ray._private.authentication.http_token_authentication.get_auth_headers_if_auth_enabled``:
   :func:`auth_headers`, the server's own HTTP calls to a token-auth dashboard (``backends/ray.py``).
+- ``ray._private.ray_logging.global_worker_stdstream_dispatcher`` (its ``handlers``,
+  ``add_handler``, ``remove_handler``), the handler ``ray.init(log_to_driver=True)`` registers
+  there as ``"ray_print_logs"``, and the keys of the batches Ray's log monitor publishes
+  (``pid``, ``ip``, ``is_err``, ``lines``, ``actor_name``, ``task_name``; ``pid`` arrives as a
+  string, ``ray.core.generated.logging_pb2.LogBatch.pid``):
+  :func:`route_worker_output`, the driver prints each rank's lines itself, once, as
+  ``[rank N] line`` (``runtime/output.py``), instead of Ray's ``(RayTrainWorker pid=...)`` lines.
+- ``RAY_TRAIN_ENABLE_PRINT_PATCH`` (``ray.train.v2._internal.constants``): :data:`PRINT_PATCH_ENV`;
+  Ray Train's workers otherwise send every ``print()`` to stdout and, through the root logger,
+  to stderr as well (every line twice).
 
 **Recovery depends on Ray Train's replica-group mechanism.** Replacing a failed rank in place
 (``regroup.py``) works because a backend class with ``has_replica_groups = True`` makes Ray Train
@@ -61,6 +71,9 @@ nothing here starts Ray.
 from __future__ import annotations
 
 import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 # Ray Train v2 controller callback interfaces, imported on first use (see __getattr__).
 _INTERNAL_CLASSES = {
@@ -71,6 +84,14 @@ _INTERNAL_CLASSES = {
 # The class of Ray Train v2's training worker actors, as the State API lists them
 # (ray.train.v2._internal.execution.worker_group.worker.RayTrainWorker).
 TRAIN_WORKER_CLASS = "RayTrainWorker"
+
+# Ray Train v2 patches print() on its workers to tee each line to the root logger (and so to
+# stderr) unless this is "0" (ray.train.v2._internal.constants.ENABLE_PRINT_PATCH_ENV_VAR).
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+# The name under which ray.init(log_to_driver=True) registers its printer of worker output.
+RAY_PRINTER = "ray_print_logs"
+SHIPYARD_PRINTER = "shipyard_rank_output"
 
 
 def __getattr__(name: str):
@@ -163,3 +184,65 @@ def auth_headers() -> dict[str, str]:
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
     return get_auth_headers_if_auth_enabled({})
+
+
+@dataclass(frozen=True)
+class WorkerLines:
+    """One batch of output lines of one Ray process, as the driver receives it: ``pid`` is the
+    process id, or ``"raylet"``, ``"gcs_server"``, ``"autoscaler"``... for Ray's own components;
+    ``actor`` the actor's class name (``RayTrainWorker``, ``TrainController``), ``task`` a
+    task's name."""
+
+    pid: int | str | None
+    ip: str | None
+    is_err: bool
+    lines: tuple[str, ...]
+    actor: str | None = None
+    task: str | None = None
+
+
+def _worker_lines(data: dict) -> WorkerLines:
+    pid = data.get("pid")
+    if isinstance(pid, str) and pid.isdigit():  # a string on the wire (LogBatch.pid), an int on the node
+        pid = int(pid)
+    return WorkerLines(pid=pid, ip=data.get("ip"), is_err=bool(data.get("is_err")),
+                       lines=tuple(data.get("lines") or ()), actor=data.get("actor_name") or None,
+                       task=data.get("task_name") or None)
+
+
+def route_worker_output(handler: Callable[[WorkerLines], None]) -> Callable[..., None]:
+    """Hand every batch of worker output this driver receives to ``handler`` (on Ray's log
+    thread), instead of Ray's printer. Returns ``stop(give_back=True)``, which ends that and
+    puts Ray's printer back (``give_back=False``: nothing is printed from then on).
+
+    Must be called after ``ray.init(log_to_driver=True)``. Ray's printer is removed first, then
+    ``handler`` added: a batch arriving in between (microseconds, at start-up, before any worker
+    printed) is not shown. Without Ray's printer there is also no Ray deduplication ("[repeated
+    2x across cluster]"), which would fold identical lines of different ranks into one. A handler
+    that raises loses that batch (the first such error is logged), not the log thread."""
+    import ray
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    rays = [h for name, h in list(dispatcher.handlers) if name == RAY_PRINTER]
+    failed: list[Exception] = []
+
+    def deliver(data: dict) -> None:
+        try:
+            handler(_worker_lines(data))
+        except Exception as e:  # noqa: BLE001 - Ray's log thread must go on
+            if not failed:
+                failed.append(e)
+                logging.getLogger(__name__).exception("worker output lost: %s", e)
+
+    dispatcher.remove_handler(RAY_PRINTER)
+    dispatcher.add_handler(SHIPYARD_PRINTER, deliver)
+
+    def stop(give_back: bool = True) -> None:
+        dispatcher.remove_handler(SHIPYARD_PRINTER)
+        # Only into a connected driver: ray.shutdown() removes Ray's printer by name, and a
+        # later ray.init adds a new one.
+        if give_back and rays and ray.is_initialized() and \
+                not any(name == RAY_PRINTER for name, _ in list(dispatcher.handlers)):
+            dispatcher.add_handler(RAY_PRINTER, rays[0])
+
+    return stop

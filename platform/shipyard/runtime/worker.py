@@ -46,6 +46,11 @@ def train_loop(config: dict) -> None:
     Each pass of the loop is one generation (``regroup.py``): form the process group, build a
     TrainContext (which restores the last checkpoint) and run ``train(ctx)``. A rank that loses a
     peer, when its job replaces failed ranks, leaves that generation and joins the next.
+
+    First the process registers its rank on the board, so that the driver prints its output as
+    ``[rank N] line`` (``output.py``). A rank's failure is told once, by Ray Train's worker ("Error
+    in training function:" and the traceback, on this process's stderr); the driver drops the
+    copies of Ray's controller and raylets.
     """
     import ray.train
     import ray.train.torch
@@ -60,10 +65,12 @@ def train_loop(config: dict) -> None:
     root = os.getcwd() if (Path.cwd() / spec.entry_target).exists() else spec.workdir
     board, tc = config["board"], ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
+    board.process.remote(rank, os.getpid(), ray.util.get_node_ip_address())
     backend = "nccl" if spec.workers.gpus else "gloo"
     while True:
         generation = regroup.form(board, rank, world, backend, timeout_s=config.get("timeout_s", 1800))
         if generation is None:
+            preemption.finished()
             return  # no further attempt allowed (max_failures, or a user error): the driver reports why
         ctx = None
         try:
@@ -84,6 +91,7 @@ def train_loop(config: dict) -> None:
             ray.get(board.broken.remote(generation, rank, cause))
             continue
         ctx.close()  # a checkpoint the user took last must be committed before the job ends
+        preemption.finished()  # the SIGTERM Ray stops the workers with is no preemption
         ctx.finished()
         if config.get("replace_failed_ranks"):  # a peer failing now cannot regroup with this rank
             ray.get(board.rank_finished.remote(rank))

@@ -117,11 +117,16 @@ class MetricPoint(_Record):
 
 class RankProcess(_Record):
     """A training worker process and the rank it runs, as the rank registered it on the Board:
-    how the driver knows whose output a line of a Ray worker process is (``runtime/output.py``)."""
+    how the driver knows whose output a line of a Ray worker process is (``runtime/output.py``),
+    and what tells, after it died without a Python error, what killed it (``runtime/deaths.py``):
+    when it started on its kernel's clock, and its memory cgroup's OOM-kill count then."""
 
     rank: NonNegative
     pid: int
     node_ip: str
+    started: float = 0.0  # seconds since its node booted (deaths.boot_clock)
+    memory_cgroup: str | None = Field(default=None, max_length=4096)
+    oom_kills: int | None = None  # the cgroup's OOM kills when the process started
 
 
 class RunSnapshot(_Record):

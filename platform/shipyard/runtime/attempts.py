@@ -60,13 +60,15 @@ class Failure:
     error: str | None = None
 
 
-def describe_failure(worker_exceptions: dict[int, BaseException], step: int | None = None) -> Failure:
+def describe_failure(worker_exceptions: dict[int, BaseException], step: int | None = None,
+                     deaths: dict[int, str] | None = None) -> Failure:
     """What ended an attempt.
 
     When one rank dies the others fail too (a collective's peer is gone), so the cause is chosen:
     a preemption first, then a user error (a bad spec value found on a worker), then an
     allocation failure (named as one, with ``step``, the furthest step the attempt reached, and
-    the size asked for when known), then a dead worker process, then the lowest rank's own exception.
+    the size asked for when known), then a dead worker process (in the words of ``deaths``, what
+    its node's kernel told, when given: ``runtime/deaths.py``), then the lowest rank's own exception.
     """
     from ray.exceptions import RayActorError
 
@@ -93,16 +95,26 @@ def describe_failure(worker_exceptions: dict[int, BaseException], step: int | No
         if isinstance(e, RayActorError):
             if "its node has died" in str(e):
                 return Failure(clip(f"rank {rank}: its node died ({_node_death(e)})"), AttemptKind.FAILED)
+            if deaths and rank in deaths:
+                return Failure(clip(f"rank {rank}: {deaths[rank]}"), AttemptKind.FAILED)
             return Failure(clip(f"rank {rank}: worker process died ({_death(e)})"), AttemptKind.FAILED)
     rank, e = next(iter(errors.items()))
     return Failure(clip(f"rank {rank}: {typed_line(e)}"), AttemptKind.FAILED, clip(typed_line(e)))
 
 
+def died_without_error(e: BaseException) -> bool:
+    """Whether Ray saw only a worker process's connection drop (SIGKILL, a crash), its node alive."""
+    from ray.exceptions import RayActorError
+
+    text = str(e)
+    return (isinstance(e, RayActorError) and "its node has died" not in text
+            and ("connection error code" in text or "SYSTEM_ERROR" in text or "unexpectedly" in text))
+
+
 def _death(e: BaseException) -> str:
     """What Ray knows of a worker process's death without a Python error: its exit detail, or
     (when Ray only saw the connection drop) that it was killed by a signal or crashed."""
-    text = str(e)
-    if "connection error code" in text or "SYSTEM_ERROR" in text or "unexpectedly" in text:
+    if died_without_error(e):
         return ("no Python error: killed by a signal (SIGKILL, the kernel's OOM killer) or crashed; "
                 "Ray does not know which")
     return first_line(e)
@@ -129,9 +141,22 @@ class AttemptsCallback(UserCallback):
         from shipyard.runtime.ray_adapter import quiet_controller_log
 
         step = ray.get(self.board.step_reached.remote())
-        failure = describe_failure(worker_exceptions, step)
+        failure = describe_failure(worker_exceptions, step, self._deaths(worker_exceptions))
         # Waited on, so that the next attempt's ranks find this one closed when they ask admit().
         refused = ray.get(self.board.attempt_failed.remote(failure.cause, failure.kind, failure.error))
         if refused:
             quiet_controller_log(RetryRefused)
             raise RetryRefused(refused)  # the controller ends the run: no worker group is started
+
+    def _deaths(self, worker_exceptions) -> dict[int, str]:
+        """For ranks whose process died without a Python error: what killed it (``deaths.py``)."""
+        import ray
+
+        from shipyard.runtime import deaths
+        from shipyard.runtime.ray_adapter import unwrap_worker_error
+
+        dead = [rank for rank, e in worker_exceptions.items() if died_without_error(unwrap_worker_error(e))]
+        if not dead:
+            return {}
+        latest = {p.rank: p for p in ray.get(self.board.snapshot.remote()).processes}  # registration order
+        return deaths.ask([latest[r] for r in dead if r in latest], self.board)

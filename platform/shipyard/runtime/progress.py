@@ -48,10 +48,10 @@ class RunLog:
         self.checkpoint: str | None = None
         self.processes: dict[tuple[str, int], RankProcess] = {}
 
-    def process(self, rank: int, pid: int, node_ip: str) -> None:
-        """A worker process started rank ``rank`` (a process that ran another rank before: now this one)."""
-        self.processes.pop((node_ip, pid), None)
-        self.processes[(node_ip, pid)] = RankProcess(rank=rank, pid=pid, node_ip=node_ip)
+    def process(self, p: RankProcess) -> None:
+        """A worker process started rank ``p.rank`` (a process that ran another rank before: now this one)."""
+        self.processes.pop((p.node_ip, p.pid), None)
+        self.processes[(p.node_ip, p.pid)] = p
         while len(self.processes) > MAX_PROCESSES:
             del self.processes[next(iter(self.processes))]
 
@@ -218,9 +218,16 @@ class Board:
         self.rendezvous = Rendezvous(self.log, world, stall_timeout_s)
 
     # -- ranks: process groups and heartbeats --------------------------------------------------
-    def process(self, rank: int, pid: int, node_ip: str) -> None:
+    def process(self, p: RankProcess) -> None:
         """From a rank's worker process as it starts: which process runs which rank."""
-        self.log.process(rank, pid, node_ip)
+        self.log.process(p)
+
+    def witness(self, p: RankProcess):
+        """What this node's kernel recorded of a dead rank's process (``deaths.py``); None when
+        the process ran on another node."""
+        from shipyard.runtime import deaths
+
+        return deaths.witness(p) if p.node_ip == ray.util.get_node_ip_address() else None
 
     def join(self, rank: int, world: int, master: tuple[str, int] | None) -> int:
         return self.rendezvous.join(rank, world, master)

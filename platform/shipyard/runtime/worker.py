@@ -55,7 +55,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from shipyard.runtime import preemption, regroup
+    from shipyard.runtime import deaths, preemption, regroup
     from shipyard.runtime.context import TrainContext
 
     spec = JobSpec.model_validate(config["spec"])
@@ -65,7 +65,7 @@ def train_loop(config: dict) -> None:
     root = os.getcwd() if (Path.cwd() / spec.entry_target).exists() else spec.workdir
     board, tc = config["board"], ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
-    board.process.remote(rank, os.getpid(), ray.util.get_node_ip_address())
+    board.process.remote(deaths.this_process(rank, ray.util.get_node_ip_address()))
     backend = "nccl" if spec.workers.gpus else "gloo"
     while True:
         generation = regroup.form(board, rank, world, backend, timeout_s=config.get("timeout_s", 1800))

@@ -147,7 +147,9 @@ def witness(p) -> Witness:
 
 def explain(w: Witness | None, pid: int) -> str:
     """The cause's words for a process that died without a Python error."""
-    if w is not None and (w.oom_killed or (w.cgroup_oom_kills > 0 and not w.crash)):
+    # The log names the pid; the cgroup's count (which any process of the cgroup raises) only
+    # stands in for it where the log cannot be read.
+    if w is not None and (w.oom_killed or (not w.log_readable and w.cgroup_oom_kills > 0)):
         where = "its node's kernel log" if w.oom_killed else "its memory cgroup's OOM-kill count"
         return (f"worker process killed by the kernel's OOM killer (pid {pid}, from {where}): the node's memory "
                 "or the container's limit ran out; ask for more memory per worker or use less")

@@ -175,15 +175,15 @@ def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_che
 
     The preemption must land mid-run: the high job is submitted only once the low one has
     reported an attempt (before that it is STARTING and the loop holds off preempting it, for as
-    long as the driver's next report takes), and the low job's steps are slowed so that its 460
-    cannot all run before the stop reaches them."""
+    long as the driver's next report takes), and the low job's steps are slowed so that its 230
+    (23 s at least) cannot all run before the stop reaches them (it takes a few seconds)."""
     from shipyard.client import Client
 
     client = Client(server.url, server.token)
     low_out, high_out = tmp_path / "low", tmp_path / "high"
     # every_steps=1000 is never reached: the only checkpoints are the preemption's and the final one.
-    low = submit(server, digits, low_out, "--set", "dataset.epochs=20", "--set", "workers.cpus=2",
-                 "--set", "checkpoint.every_steps=1000", "--set", "name=low", "--set", "config.step_sleep_s=0.02")
+    low = submit(server, digits, low_out, "--set", "dataset.epochs=10", "--set", "workers.cpus=2",
+                 "--set", "checkpoint.every_steps=1000", "--set", "name=low", "--set", "config.step_sleep_s=0.1")
     wait_for_steps(low_out, 5, timeout=180, also=lambda: bool(client.get(low)["attempts"]))
     high = submit(server, digits, high_out, "--set", "priority=10", "--set", "name=high")
     asked_at = len(steps_run(low_out))
@@ -197,13 +197,9 @@ def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_che
     assert job["state"] == "SUCCEEDED", json.dumps(job)[:3000]
     states = [e["message"].split(":")[0] for e in job["events"] if e["kind"] == "state"]
     total, ran = job["total_steps"], steps_run(low_out)
-    if "PREEMPTED -> SUCCEEDED (finished)" in states:
-        # Counted as finished before the stop reached it: true only if it trained to the end.
-        assert ran == list(range(1, total + 1)), (
-            f"BUG: the preempted low job was recorded SUCCEEDED ('finished') after {len(ran)} of its {total} "
-            f"steps (last {ran[-1:]}): the run did not train to the end. attempts={job['attempts']}")
-        pytest.skip(f"timing: the low job trained all {total} steps in its first run, before the preemption (asked for at step "
-                    f"{asked_at}) stopped it, which is correctly SUCCEEDED; the resume was not exercised")
+    assert "PREEMPTED -> SUCCEEDED (finished)" not in states, (
+        f"the low job trained all {total} steps (at least {total * 0.1:.0f} s) before the preemption asked for at "
+        f"step {asked_at} stopped it: the preemption took that long to land. states={states}")
     assert states == ["QUEUED -> ADMITTED", "ADMITTED -> RUNNING", "RUNNING -> PREEMPTED (preempted)",
                       "PREEMPTED -> QUEUED (preempted)", "QUEUED -> ADMITTED", "ADMITTED -> RUNNING",
                       "RUNNING -> SUCCEEDED"], states

@@ -382,3 +382,21 @@ def test_print_patch_env():
     patch = private("ray.train.v2._internal.logging.patch_print", "patch_print_function", use)
     assert "ENABLE_PRINT_PATCH_ENV_VAR" in inspect.getsource(patch), tripped(
         "ray.train.v2._internal.logging.patch_print.patch_print_function", use, "no longer reads the variable")
+
+
+TOKEN_USE = "hide Ray's token-auth notice from `shipyard run`'s output unless --verbose"
+
+
+def test_the_token_auth_notice_comes_from_the_logger_shipyard_quiets():
+    import logging
+
+    logger = private(ray_adapter.TOKEN_AUTH_LOGGER, "logger", TOKEN_USE)
+    assert isinstance(logger, logging.Logger) and logger.name == ray_adapter.TOKEN_AUTH_LOGGER, tripped(
+        f"{ray_adapter.TOKEN_AUTH_LOGGER}.logger", TOKEN_USE, f"it is now {logger!r}")
+    notice = private(ray_adapter.TOKEN_AUTH_LOGGER, "_warn_token_auth_enabled", TOKEN_USE)
+    ray_adapter.quiet_token_auth_notice()
+    try:
+        assert not logger.isEnabledFor(logging.WARNING)
+        assert callable(notice)
+    finally:
+        logger.setLevel(logging.NOTSET)

@@ -24,7 +24,7 @@ from shipyard.config import Settings, forwarded_env
 from shipyard.errors import UserError, chain
 from shipyard.run.records import RunSnapshot
 from shipyard.runtime.output import RankOutput
-from shipyard.runtime.ray_adapter import PRINT_PATCH_ENV, loopback_only, route_worker_output
+from shipyard.runtime.ray_adapter import PRINT_PATCH_ENV, loopback_only, quiet_token_auth_notice, route_worker_output
 from shipyard.spec import JobSpec
 
 POLL_S = 1.0  # the driver shares the machine with the workers: poll gently
@@ -86,6 +86,8 @@ def connect(spec: JobSpec, settings: Settings, verbose: bool = True) -> bool:
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     runtime_env = {"working_dir": spec.workdir, "env_vars": {**controller_env, **forwarded_env(), **spec.env}}
     level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        quiet_token_auth_notice()
     if settings.ray_address:
         ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True, logging_level=level)
         return False

@@ -161,6 +161,18 @@ def quiet_controller_log(exc_type: type[BaseException]) -> None:
             logger.addFilter(f)
 
 
+# Says at every ray.init that the cluster uses token auth ("Set RAY_AUTH_MODE=disabled to opt
+# out"): true of every head shipyard starts, and nothing a user of `shipyard run` acts on.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_token_auth_notice() -> None:
+    """Drop Ray's token-auth notice (a WARNING) on this process's console (``run`` not verbose)."""
+    import logging
+
+    logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+
+
 def loopback_only() -> dict:
     """``ray.init`` options for a private local cluster that listens on loopback only."""
     return {"_node_ip_address": "127.0.0.1"}

@@ -42,22 +42,25 @@ ROWS = 160         # 20 steps per epoch at every data-parallel width
 CORPUS = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "json" / "decoder.py"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """160 rows of 33 bytes of real Python source (the stdlib's json/decoder.py), sharded with the
-    `text:` source exactly as `shipyard data shard` writes it."""
+def make_corpus(root: Path, rows: int) -> Path:
+    """``rows`` rows of 33 bytes of real Python source (the stdlib's json/decoder.py), sharded with
+    the `text:` source exactly as `shipyard data shard` writes it."""
     from shipyard.data.sources import open_source
     from shipyard.data.writer import write_dataset
 
-    root = tmp_path_factory.mktemp("lm")
     src = root / "src"
     src.mkdir()
     text = CORPUS.read_bytes() if CORPUS.exists() else Path(__file__).read_bytes()
-    (src / "a.py").write_bytes(text[:ROWS * (MODEL["context"] + 1)])
+    (src / "a.py").write_bytes(text[:rows * (MODEL["context"] + 1)])
     data = root / "data"
     manifest = write_dataset(open_source(f"text:{src}/*.py:block={MODEL['context'] + 1}"), str(data), 64)
-    assert manifest.rows == ROWS
+    assert manifest.rows == rows
     return data
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("lm"), ROWS)
 
 
 def reference_losses(data: Path, dp: int, epochs: int) -> list[float]:
@@ -181,7 +184,7 @@ def _rank(rank, world, port, strategy, data, out, ckpt, epochs):
         from shipyard.runtime.context import TrainContext
         from shipyard.spec import spec_from_dict
 
-        dp = world // strategy.get("tp", 1)
+        dp = world // strategy.get("tp", 1) // strategy.get("stages", 1)
         spec = spec_from_dict({
             "name": "lm", "entrypoint": "train.py:train", "workers": {"count": world}, "strategy": strategy,
             "dataset": {"uri": data, "batch_size": GLOBAL_BATCH // dp, "epochs": epochs},
@@ -218,3 +221,18 @@ def test_four_rank_meshes_match_reference(corpus, tmp_path, strategy):
         resumed.mkdir()
         run_ranks(2, {"kind": "fsdp"}, corpus, resumed, ckpt, epochs=2)
         assert_losses_match(step_losses(resumed, [0, 1]), expected, range(21, 41))
+
+
+def test_pipeline_runs_a_short_last_batch_whole_and_matches_reference(tmp_path):
+    """165 rows in batches of 8: each epoch ends with a batch of 5, fewer rows than the 4
+    microbatches need to be equal (5 is prime: one microbatch, under GPipe since 1F1B needs one
+    per stage); it runs whole on both stages and its loss is the reference's, as the next
+    epoch's steps are."""
+    data = make_corpus(tmp_path, 165)
+    out, ckpt = tmp_path / "out", tmp_path / "ck"
+    out.mkdir()
+    run_ranks(2, {"kind": "pipeline", "stages": 2, "microbatches": 4, "schedule": "1f1b"}, data, out, ckpt, epochs=2)
+    expected = reference_losses(data, dp=1, epochs=2)
+    assert len(expected) == 42  # 20 full batches and the short one, twice
+    assert_losses_match(step_losses(out, [0]), expected, range(1, 43))
+    assert step_losses(out, [1]) == step_losses(out, [0])  # the loss reaches every stage

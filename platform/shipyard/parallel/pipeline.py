@@ -13,6 +13,12 @@ training goes through :meth:`Pipeline.step` (``ctx.train_step``), which returns 
 loss on every rank. Gradients are scaled by ``1/microbatches`` by the schedule, so they equal the
 gradient of the batch's mean loss. With ``dp = world / stages`` > 1 replicas of the pipeline, the
 step averages gradients over dp once the schedule is done (one bucket per step).
+
+A batch of another size (an epoch's last, when the rank's rows are not a multiple of the batch
+size) runs too, whole, none of it dropped: the stages' buffers are shaped for one microbatch
+size, so it gets a stage and schedule of its own, as many equal microbatches as divide it (at
+most ``microbatches``; under 1F1B, when fewer than the stages, GPipe instead). Every rank of a
+pipeline reads the same batches, so all of them build the same one at the same step.
 """
 
 from __future__ import annotations
@@ -69,15 +75,20 @@ def keep_stage(model: nn.Module, stage: int, stages: int) -> nn.Module:
     return model
 
 
-class Pipeline:
-    """One rank's stage and schedule; ``step`` runs a whole batch through the pipeline."""
+MAX_SHAPES = 4  # batch sizes with a stage and schedule kept (the full size, an epoch's last)
 
-    def __init__(self, stage: PipelineStage, *, stages: int, microbatches: int, schedule: str,
+
+class Pipeline:
+    """One rank's stage and schedules; ``step`` runs a whole batch through the pipeline."""
+
+    def __init__(self, make_stage: Callable[[], PipelineStage], *, stages: int, microbatches: int, schedule: str,
                  pp_group, dp_group, module: nn.Module, device: torch.device):
-        self.stage, self.stages, self.microbatches = stage, stages, microbatches
+        self.make_stage, self.stages, self.microbatches = make_stage, stages, microbatches
+        self.stage = make_stage()
         self.schedule_cls = SCHEDULES[schedule]
         self.pp_group, self.dp_group, self.module, self.device = pp_group, dp_group, module, device
-        self._schedule = self._loss_fn = None
+        self._schedules: dict[int, Any] = {}  # rows per batch -> schedule (insertion order: oldest first)
+        self._loss_fn = None
 
     @property
     def is_first(self) -> bool:
@@ -87,17 +98,30 @@ class Pipeline:
     def is_last(self) -> bool:
         return self.stage.stage_index == self.stages - 1
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
-        if self._schedule is None or loss_fn is not self._loss_fn:
-            self._schedule = self.schedule_cls(self.stage, self.microbatches, loss_fn=loss_fn)
+    def schedule_for(self, rows: int, loss_fn: Callable):
+        """The schedule for a batch of ``rows`` rows (see the module docstring); the first size
+        seen keeps the stage made at setup, and stays cached."""
+        if loss_fn is not self._loss_fn:
+            self._schedules.clear()
             self._loss_fn = loss_fn
+        if rows not in self._schedules:
+            n = max(d for d in range(1, min(rows, self.microbatches) + 1) if rows % d == 0)
+            cls = ScheduleGPipe if self.schedule_cls is Schedule1F1B and n < self.stages else self.schedule_cls
+            first = not self._schedules
+            if len(self._schedules) >= MAX_SHAPES:
+                del self._schedules[list(self._schedules)[1]]  # the oldest after the first
+            self._schedules[rows] = cls(self.stage if first else self.make_stage(), n, loss_fn=loss_fn)
+        return self._schedules[rows]
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+        schedule = self.schedule_for(inputs.size(0), loss_fn)
         args = (inputs,) if self.is_first else ()
         if self.is_last:
             losses: list[torch.Tensor] = []
-            self._schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+            schedule.step(*args, target=targets, losses=losses, return_outputs=False)
             loss = torch.stack([x.detach() for x in losses]).mean()
         else:
-            self._schedule.step(*args, return_outputs=False)
+            schedule.step(*args, return_outputs=False)
             loss = torch.zeros((), device=self.device)
         dist.broadcast(loss, group=self.pp_group, group_src=self.stages - 1)
         if self.dp_group is not None:
@@ -128,8 +152,8 @@ def apply_pipeline(model: nn.Module, device: torch.device, optimizer_fn: Callabl
     if strategy.activation_checkpoint:
         apply_activation_checkpoint(model)
     pp_group = mesh["pp"].get_group()
-    stage = PipelineStage(model, stage_index, strategy.stages, device, group=pp_group)
-    model.shipyard_pipeline = Pipeline(stage, stages=strategy.stages, microbatches=strategy.microbatches,
+    model.shipyard_pipeline = Pipeline(lambda: PipelineStage(model, stage_index, strategy.stages, device, group=pp_group),
+                                       stages=strategy.stages, microbatches=strategy.microbatches,
                                        schedule=strategy.schedule, pp_group=pp_group,
                                        dp_group=mesh["dp"].get_group() if dims.dp > 1 else None,
                                        module=model, device=device)

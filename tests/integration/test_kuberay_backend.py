@@ -104,6 +104,7 @@ async def test_submit_creates_the_rayjob_and_follows_it_to_success(k8s):
     create, = k8s["post", k8s.resource("ray.io/v1/rayjobs")]
     assert create.url.path == f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"
     assert create.data == build_rayjob("job-1", spec(), "team-a", CONFIG)
+    assert create.params["fieldValidation"] == "Strict"  # what the real server does with it: test_kuberay_real_api
 
     assert (await call(be.status, handle)).state is State.PENDING  # no status yet: the operator has not seen it
     op.advance(name, "Initializing")

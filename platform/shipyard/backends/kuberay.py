@@ -13,7 +13,9 @@ call has a timeout, so a hung API server delays a poll but never blocks it forev
 from __future__ import annotations
 
 import datetime
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +33,31 @@ from shipyard.spec import JobSpec
 
 TIMEOUT_S = 30
 SELECTOR = f"{MANAGED_BY}=shipyard,{JOB_ID}"
+
+
+@dataclass(frozen=True)
+class KubeApi:
+    """One API the backend calls: named in its errors with the RBAC rule that grants a verb on it
+    (a 403 says which rule is missing) and looked up in discovery on a 404 (which then says
+    whether the API itself is missing or only the object or namespace)."""
+
+    group: str          # "" is the core group
+    version: str
+    resource: str       # plural, with a subresource: "pods/log"
+    what: str           # for messages: "the ray.io/v1 RayJob API"
+    namespaced: bool = True
+    grant: str = ""     # what in the Helm chart grants it
+
+    def rule(self, verb: str) -> str:
+        return f'apiGroups: ["{self.group}"], resources: ["{self.resource}"], verbs: ["{verb}"]'
+
+
+RAYJOBS = KubeApi(GROUP, VERSION, PLURAL, f"the {GROUP}/{VERSION} RayJob API", grant="the chart's Role (rbac.create)")
+NODES = KubeApi("", "v1", "nodes", "the core v1 Node API", namespaced=False,
+                grant="the chart's ClusterRole (clusterRole.create)")
+PODS = KubeApi("", "v1", "pods", "the core v1 Pod API", grant="the chart's Role (rbac.create)")
+POD_LOGS = KubeApi("", "v1", "pods/log", "the core v1 Pod API", grant="the chart's Role (rbac.create)")
+
 PENDING_DEPLOYMENT = ("", "New", "Initializing", "Waiting")
 DONE_DEPLOYMENT = ("Complete", "Failed", "ValidationFailed", "Suspended")
 # Container states that keep a pod from ever running without someone fixing something.
@@ -149,10 +176,13 @@ class KubeRayBackend:
         body = build_rayjob(job_id, spec, tenant, self.config, package_uri=package_uri)
         ns, name = self.config.namespace, body["metadata"]["name"]
         try:
-            self._custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body, _request_timeout=TIMEOUT_S)
+            # Strict: a field the installed CRD does not know fails the submit, naming the field,
+            # instead of being dropped silently (the server's default since 1.27 only warns).
+            self._custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body, field_validation="Strict",
+                                                         _request_timeout=TIMEOUT_S)
         except ApiException as e:
             if e.status != 409:
-                raise self._error(f"create RayJob {ns}/{name}", e) from e
+                raise self._error(f"create RayJob {ns}/{name}", e, RAYJOBS, "create") from e
             existing = self._get(ns, name)
             owner = ((existing or {}).get("metadata", {}).get("annotations") or {}).get(JOB_ID)
             if owner != job_id:
@@ -189,7 +219,7 @@ class KubeRayBackend:
                                                             _request_timeout=TIMEOUT_S)
             except ApiException as e:
                 if e.status != 404:
-                    raise self._error(f"suspend RayJob {handle}", e) from e
+                    raise self._error(f"suspend RayJob {handle}", e, RAYJOBS, "patch") from e
         else:
             self._delete(ns, name)
         self._final[handle] = BackendStatus(State.STOPPED, "Cancelled", "cancelled by shipyard")
@@ -208,7 +238,7 @@ class KubeRayBackend:
         except ApiException as e:
             if e.status in (400, 404):  # container not started yet, or pod just gone
                 return ""
-            raise self._error(f"read logs of pod {ns}/{pod['metadata']['name']}", e) from e
+            raise self._error(f"read logs of pod {ns}/{pod['metadata']['name']}", e, POD_LOGS, "get") from e
 
     def capacity(self) -> Capacity:
         """Nodes' allocatable resources (cordoned and not-Ready nodes excluded) minus what
@@ -216,7 +246,7 @@ class KubeRayBackend:
         try:
             nodes = self._core.list_node(_request_timeout=TIMEOUT_S).items
         except ApiException as e:
-            raise self._error("list nodes (the chart's clusterRole.create gives this permission)", e) from e
+            raise self._error("list nodes for the cluster's capacity", e, NODES, "list") from e
         total = Resources()
         for node in nodes:
             total += node_allocatable(self._api.sanitize_for_serialization(node))
@@ -256,7 +286,7 @@ class KubeRayBackend:
         except ApiException as e:
             if e.status == 404:
                 return None
-            raise self._error(f"get RayJob {ns}/{name}", e) from e
+            raise self._error(f"get RayJob {ns}/{name}", e, RAYJOBS, "get") from e
 
     def _delete(self, ns: str, name: str) -> None:
         try:
@@ -264,7 +294,7 @@ class KubeRayBackend:
                                                          _request_timeout=TIMEOUT_S)
         except ApiException as e:
             if e.status != 404:
-                raise self._error(f"delete RayJob {ns}/{name}", e) from e
+                raise self._error(f"delete RayJob {ns}/{name}", e, RAYJOBS, "delete") from e
 
     def _list_rayjobs(self) -> list[dict[str, Any]]:
         ns = self.config.namespace
@@ -272,7 +302,7 @@ class KubeRayBackend:
             items = self._custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, label_selector=SELECTOR,
                                                                _request_timeout=TIMEOUT_S).get("items", [])
         except ApiException as e:
-            raise self._error(f"list RayJobs in {ns}", e) from e
+            raise self._error(f"list RayJobs in {ns}", e, RAYJOBS, "list") from e
         # The API server applies the selector; checking again costs nothing and keeps foreign
         # RayJobs out even behind a proxy or cache that ignores it.
         return [o for o in items if (o.get("metadata", {}).get("labels") or {}).get(MANAGED_BY) == "shipyard"
@@ -282,28 +312,64 @@ class KubeRayBackend:
         try:
             pods = self._core.list_namespaced_pod(ns, label_selector=selector, _request_timeout=TIMEOUT_S).items
         except ApiException as e:
-            raise self._error(f"list pods in {ns}", e) from e
+            raise self._error(f"list pods in {ns}", e, PODS, "list") from e
         return [self._api.sanitize_for_serialization(p) for p in pods]
 
     def _diagnose(self, ns: str, name: str, obj: dict[str, Any]) -> tuple[str, str]:
-        pods = [p for p in self._pods(ns, f"{RAYJOB}={name}") if (p["metadata"].get("labels") or {}).get(RAYJOB) == name]
+        """Best effort: pods or events that cannot be read (RBAC, an API server without the core
+        API) leave the diagnosis empty, never the timeout unreported or the cluster held."""
+        try:
+            pods = [p for p in self._pods(ns, f"{RAYJOB}={name}") if (p["metadata"].get("labels") or {}).get(RAYJOB) == name]
+        except BackendError:
+            pods = []
         involved = {name, (obj.get("status") or {}).get("rayClusterName") or "", *(p["metadata"]["name"] for p in pods)}
         try:
             events = self._core.list_namespaced_event(ns, field_selector="type=Warning", _request_timeout=TIMEOUT_S).items
         except ApiException:
-            events = []  # a diagnosis is best effort; the pods usually suffice
+            events = []
         events = [e for e in (self._api.sanitize_for_serialization(e) for e in events)
                   if (e.get("involvedObject") or {}).get("name") in involved]
         return diagnose(pods, events)
 
-    def _error(self, what: str, e: ApiException) -> BackendError:
+    def _error(self, what: str, e: ApiException, api: KubeApi, verb: str) -> BackendError:
+        said = _server_message(e)
         if e.status == 403:
-            hint = f"the server's ServiceAccount may not do this in namespace {self.config.namespace}: check the chart's Role"
-        elif e.status == 404:
-            hint = "the ray.io/v1 RayJob API is not served here: install the KubeRay operator and its CRDs"
+            where = f"a Role in namespace {self.config.namespace}" if api.namespaced else "a ClusterRole"
+            hint = (f"forbidden: the server's ServiceAccount needs the RBAC rule {{{api.rule(verb)}}} in {where} "
+                    f"({api.grant} grants it); the API server said: {said}")
+        elif e.status == 404 and self._served(api) is False:
+            hint = f"{api.what} is not served here ({api.group or 'core'}/{api.version} has no {api.resource})"
+            if api is RAYJOBS:
+                hint += ": install the KubeRay operator and its CRDs"
+            elif api is NODES:
+                hint += (f": capacity reads nodes from a full Kubernetes API server, with the RBAC rule "
+                         f"{{{api.rule('list')}}} ({api.grant} grants it)")
         else:
-            hint = (e.body or e.reason or "").strip()[:500]
+            hint = said
         return BackendError(f"cannot {what}: HTTP {e.status}: {hint}")
+
+    def _served(self, api: KubeApi) -> bool | None:
+        """Whether discovery lists ``api``'s resource: False when its group/version or the
+        resource is missing, None when discovery cannot say (it failed too)."""
+        try:
+            if api.group:
+                found = self._custom.get_api_resources(api.group, api.version, _request_timeout=TIMEOUT_S)
+            else:
+                found = self._core.get_api_resources(_request_timeout=TIMEOUT_S)
+        except ApiException as e:
+            return False if e.status == 404 else None
+        except Exception:  # noqa: BLE001 - a hint is best effort; the original error is raised anyway
+            return None
+        return api.resource in {r.name for r in found.resources or []}
+
+
+def _server_message(e: ApiException) -> str:
+    """The Status message of an API error (its body is a JSON Status), else the body as sent."""
+    try:
+        message = json.loads(e.body or "").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return (message or e.body or e.reason or "").strip()[:500]
 
 
 __all__ = ["KubeRayBackend", "KubeRayConfig", "diagnose", "load_api_client", "map_status", "rayjob_name"]

@@ -96,6 +96,9 @@ def run(
             session.finish(False, f"{type(e).__name__}: {e}")
             raise
         session.finish(result.ok, result.error, result.user_error)
+    if result.already_finished:
+        console.print(f"[green]✓[/green] {result.already_finished}", highlight=False, soft_wrap=True)
+        return
     view.summary(result)
     if not result.ok:
         raise typer.Exit(2 if result.user_error else 1)

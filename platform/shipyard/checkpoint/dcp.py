@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +68,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def app_state(model, optimizer, scheduler=None) -> dict:
-    """The DCP state dict of a training job: references to the live tensors, not copies.
+@dataclass(frozen=True)
+class Part:
+    """One prepared model with its optimizer (and scheduler), saved under its stable ``name``.
+
+    The unnamed part (``name=""``, a job that prepares one model) is saved under the top-level
+    keys ``model``/``optim``/``scheduler``, the layout of checkpoints from before parts had
+    names, so those still load; a named part under ``parts.<name>.model`` and so on.
+    """
+
+    name: str
+    model: Any
+    optimizer: Any
+    scheduler: Any = None
+
+
+def part_state(model, optimizer, scheduler=None) -> dict:
+    """The DCP state dict of one part: references to the live tensors, not copies.
 
     The optimizer's ``param_groups`` are stored keyed by parameter FQN (``{fqn: hyperparameters}``)
     rather than as torch's list of groups. In the list, group ``i`` names whatever parameters the
@@ -84,14 +101,34 @@ def app_state(model, optimizer, scheduler=None) -> dict:
     return state
 
 
+def app_state(parts: list[Part], tensors: dict | None = None) -> dict:
+    """The DCP state dict of a training job: every part where :class:`Part` says, and the
+    tensors of ``ctx.state`` under ``state``."""
+    state: dict = {}
+    for p in parts:
+        if p.name:
+            state.setdefault("parts", {})[p.name] = part_state(p.model, p.optimizer, p.scheduler)
+        else:
+            state.update(part_state(p.model, p.optimizer, p.scheduler))
+    if tensors:
+        state["state"] = dict(tensors)
+    return state
+
+
+def part_of(state: dict, name: str) -> dict:
+    """Part ``name``'s own dict inside :func:`app_state`'s (the top level for the unnamed part)."""
+    return state["parts"][name] if name else state
+
+
 def write(store: CheckpointStore, *, step: int, epoch: int, state: dict, rank_state: dict,
-          strategy: str, keep_last: int | None, group=None,
+          strategy: str, keep_last: int | None, group=None, record: dict | None = None,
           committed: Callable[[CommitRecord], None] | None = None) -> CommitRecord | None:
     """Collective over ``group``: write this rank's files, then rank 0 commits and prunes.
 
     DCP's coordinator writes ``.metadata`` only after gathering every rank's write results, and
     the gather below waits for every rank too, so ``COMMIT.json`` is written after all ranks
-    finished. ``committed`` is called on rank 0 between the commit and the prune (deleting an
+    finished. ``record`` adds fields to the commit record (``parts``, ``state``, ``finished``;
+    rank 0's are the ones written). ``committed`` is called on rank 0 between the commit and the prune (deleting an
     old checkpoint is no part of writing this one). Returns the record on rank 0, None elsewhere.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -105,29 +142,57 @@ def write(store: CheckpointStore, *, step: int, epoch: int, state: dict, rank_st
     dist.all_gather_object(data_states, rank_state["data"], group=group)
     if rank != 0:
         return None
-    record = store.commit(CommitRecord(step=step, epoch=epoch, world=world, strategy=strategy,
-                                       time=time.time(), data=data_states))
+    done = store.commit(CommitRecord(step=step, epoch=epoch, world=world, strategy=strategy,
+                                     time=time.time(), data=data_states, **(record or {})))
     if committed is not None:
-        committed(record)
+        committed(done)
     store.prune(keep_last)
-    return record
+    return done
 
 
 def restore(store: CheckpointStore, record: CommitRecord, *, model, optimizer, scheduler=None) -> dict | None:
-    """Load model/optimizer/scheduler in place; return this rank's saved per-rank state, if any."""
+    """Load the unnamed part in place; return this rank's saved per-rank state, if any."""
+    load_part(record, Part("", model, optimizer, scheduler))
+    return read_rank_state(store, record)
+
+
+def load_part(record: CommitRecord, part: Part) -> None:
+    """Load one part's model/optimizer/scheduler in place (collective: DCP reads on every rank)."""
     uri = record.uri
-    state = app_state(model, optimizer, scheduler)
+    if part.name not in record.parts and record.parts:
+        saved = ", ".join(repr(p) if p else "the unnamed one" for p in record.parts)
+        raise CheckpointError(f"{uri}: has no part named {part.name!r} (it holds {saved}). If the parts changed "
+                              "on purpose, start from step 0 with `shipyard run --fresh` (or `submit --fresh`)")
+    state = app_state([part])
     try:
         dcp.load(state, storage_reader=FsspecReader(uri, **storage.storage_options(uri)))
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise CheckpointError(f"{uri}: cannot load into this model: {_short(e)}. If the model changed on "
+        what = f"part {part.name!r}" if part.name else "this model"
+        raise CheckpointError(f"{uri}: cannot load into {what}: {_short(e)}. If the model changed on "
                               "purpose, start from step 0 with `shipyard run --fresh` (or `submit --fresh`): "
                               "a new line of checkpoints; these are kept") from None
-    live_groups = get_state_dict(model, optimizer)[1]["param_groups"]
-    optim = {**state["optim"], "param_groups": _groups_from_fqn(state["optim"]["param_groups"], live_groups)}
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim)
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
+    mine = part_of(state, part.name)
+    live_groups = get_state_dict(part.model, part.optimizer)[1]["param_groups"]
+    optim = {**mine["optim"], "param_groups": _groups_from_fqn(mine["optim"]["param_groups"], live_groups)}
+    set_state_dict(part.model, part.optimizer, model_state_dict=mine["model"], optim_state_dict=optim)
+    if part.scheduler is not None and "scheduler" in mine:
+        part.scheduler.load_state_dict(mine["scheduler"])
+
+
+def load_tensors(record: CommitRecord, tensors: dict) -> dict:
+    """Fill ``tensors`` (``{key: empty tensor}``, shaped as the record says) from DCP's ``state``."""
+    if not tensors:
+        return {}
+    state = {"state": tensors}
+    try:
+        dcp.load(state, storage_reader=FsspecReader(record.uri, **storage.storage_options(record.uri)))
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{record.uri}: cannot read ctx.state's tensors: {_short(e)}") from None
+    return state["state"]
+
+
+def read_rank_state(store: CheckpointStore, record: CommitRecord) -> dict | None:
+    """This rank's saved per-rank state (data position, RNG), or None when it had no such rank."""
     path = storage.join(store.path_for(record.step), rank_file(dist.get_rank()))
     if not store.fs.exists(path):
         return None  # saved with fewer ranks

@@ -69,29 +69,41 @@ class Checkpointer:
             self._background_stager = DefaultStager(StagingOptions(use_async_staging=True, **options))
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="shipyard-checkpoint-upload")
 
-    def save(self, *, step: int, epoch: int, model, optimizer, scheduler=None, data_state: dict) -> float:
-        """Checkpoint at ``step`` (collective). Returns the seconds the caller was blocked in here."""
+    def save(self, *, step: int, epoch: int, data_state: dict, model=None, optimizer=None, scheduler=None,
+             parts: list[dcp.Part] | None = None, tensors: dict | None = None, record: dict | None = None) -> float:
+        """Checkpoint at ``step`` (collective). Returns the seconds the caller was blocked in here.
+
+        ``parts``: every prepared part; ``model``/``optimizer``/``scheduler`` are the one unnamed
+        part, for a caller with a single model. ``tensors``: ``ctx.state``'s tensors (copied here,
+        with the rest that is not only changed by ``optimizer.step``). ``record``: extra fields of
+        the commit record (see :func:`~shipyard.checkpoint.dcp.write`)."""
+        parts = parts if parts is not None else [dcp.Part("", model, optimizer, scheduler)]
         t0 = time.monotonic()
         self.wait()
         if dist.get_rank() == 0:
             self.store.clear(step)  # leftovers of a save that crashed before committing
         dist.barrier()
-        state = dcp.app_state(model, optimizer, scheduler)
+        state = dcp.app_state(parts, tensors)
         rank_state = {"data": data_state, "rng": dcp.rng_state()}
         if not self.async_upload:
-            self._write(step, epoch, state, None, rank_state, t0, None)
+            self._write(step, epoch, state, None, rank_state, t0, None, record)
             return time.monotonic() - t0
-        stepped = _stepped_keys(state["model"], optimizer)
-        background = {"optim": state["optim"].pop("state"),
-                      "model": {k: v for k, v in state["model"].items() if k in stepped}}
-        state["model"] = {k: v for k, v in state["model"].items() if k not in stepped}
+        # What only optimizer.step changes, per part, goes to the background copy.
+        background = {}
+        for p in parts:
+            mine = dcp.part_of(state, p.name)
+            stepped = _stepped_keys(mine["model"], p.optimizer)
+            background[p.name] = {"optim": mine["optim"].pop("state"),
+                                  "model": {k: v for k, v in mine["model"].items() if k in stepped}}
+            mine["model"] = {k: v for k, v in mine["model"].items() if k not in stepped}
         staged = self._stager.stage(state)
         self._step_wait_s = 0.0
         self._staging = self._background_stager.stage(background)
-        self._hook(optimizer)
+        for p in parts:
+            self._hook(p.optimizer)
         blocked_until = time.monotonic()
         self._pending = (step, self._pool.submit(self._write, step, epoch, staged, self._staging, rank_state,
-                                                 t0, blocked_until))
+                                                 t0, blocked_until, record))
         return blocked_until - t0
 
     def _hook(self, optimizer) -> None:
@@ -105,14 +117,15 @@ class Checkpointer:
             futures.wait([staging])  # a failed copy is raised by the upload thread, not here
             self._step_wait_s += time.monotonic() - t0
 
-    def _write(self, step, epoch, state, background_staging, rank_state, t0, blocked_until) -> None:
+    def _write(self, step, epoch, state, background_staging, rank_state, t0, blocked_until, extra) -> None:
         if background_staging is not None:
-            background = background_staging.result()
-            state["optim"]["state"] = background["optim"]
-            state["model"] = {**background["model"], **state["model"]}
+            for name, moved in background_staging.result().items():
+                mine = dcp.part_of(state, name)
+                mine["optim"]["state"] = moved["optim"]
+                mine["model"] = {**moved["model"], **mine["model"]}
         committed_at = []
         record = dcp.write(self.store, step=step, epoch=epoch, state=state, rank_state=rank_state,
-                           strategy=self.strategy, keep_last=self.keep_last, group=self._group,
+                           strategy=self.strategy, keep_last=self.keep_last, group=self._group, record=extra,
                            committed=lambda _: committed_at.append(time.monotonic()))
         if record is not None and self.on_commit is not None:
             now = time.monotonic()

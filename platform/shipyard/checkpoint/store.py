@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from shipyard import storage
 from shipyard.errors import CheckpointError
@@ -26,6 +26,9 @@ LINE = "LINE.json"  # {"line": "fresh-..."}: the line a store opened on the bare
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 _LINE = re.compile(r"^fresh-\d{8}-\d{6}$")
 MAX_LINE_BYTES = 1024
+# COMMIT.json is read back from storage, which is untrusted: at most this many bytes. It holds
+# every rank's data state (a few hundred bytes each) and ``ctx.state``'s JSON (at most 1 MiB).
+MAX_COMMIT_BYTES = 16 * 2**20
 
 
 def new_line(now: float | None = None) -> str:
@@ -46,6 +49,13 @@ class CommitRecord:
     time: float
     data: list[dict] = field(default_factory=list)   # per-rank data-stream state, by rank
     files: dict[str, int] = field(default_factory=dict)  # relative name -> bytes
+    parts: list[str] = field(default_factory=list)  # names of the prepared parts saved ("" the unnamed one)
+    # ``ctx.state``: {"json": {key: value}, "tensors": {key: {"shape": [...], "dtype": "float32"}}}
+    # (the tensors themselves are DCP's ``state.<key>``; see runtime/user_state.py)
+    state: dict = field(default_factory=dict)
+    # Set by ``ctx.stop`` / a break out of ``ctx.batches()``: {"reason": str, "epochs": int}, the
+    # dataset epochs the stopped run had (a later run with more epochs goes on; see runtime/stopping.py)
+    finished: dict | None = None
     uri: str = ""
 
     @property
@@ -138,11 +148,28 @@ class CheckpointStore:
         return sorted(steps)
 
     def read_record(self, step: int) -> CommitRecord | None:
+        """The commit record at ``step``, or None when there is none. A record larger than
+        :data:`MAX_COMMIT_BYTES` or not of the shape shipyard writes is a CheckpointError: storage
+        is anyone's who can write the bucket, so nothing is believed before it is checked."""
+        path = storage.join(self.path_for(step), COMMIT)
         try:
-            raw = json.loads(self.fs.cat_file(storage.join(self.path_for(step), COMMIT)))
+            with self.fs.open(path, "rb") as f:
+                raw = f.read(MAX_COMMIT_BYTES + 1)
         except FileNotFoundError:
             return None
-        return CommitRecord(**{**raw, "uri": self.uri_for(step)})
+        if len(raw) > MAX_COMMIT_BYTES:
+            raise CheckpointError(f"{self.uri_for(step)}/{COMMIT}: larger than {MAX_COMMIT_BYTES} bytes; not a "
+                                  "commit record shipyard wrote")
+        try:
+            body = json.loads(raw)
+            known = {f.name for f in fields(CommitRecord)} - {"uri"}
+            if not isinstance(body, dict) or not set(body) <= known:
+                raise ValueError(f"unknown keys {sorted(set(body) - known) if isinstance(body, dict) else body!r}")
+            record = CommitRecord(**{**body, "uri": self.uri_for(step)})
+            _check_record(record)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.uri_for(step)}/{COMMIT}: not a commit record shipyard wrote ({e})") from None
+        return record
 
     def list(self) -> list[Listed]:
         out = []
@@ -177,6 +204,14 @@ class CheckpointStore:
         self.fs.pipe_file(storage.join(path, COMMIT), json.dumps(body, indent=1).encode())
         return record
 
+    def mark_finished(self, record: CommitRecord, finished: dict) -> CommitRecord:
+        """Rewrite the committed ``record`` as finished (a stop at a step already checkpointed).
+        One object written whole: the record before or the record after, never neither."""
+        record = replace(record, finished=finished)
+        body = {k: v for k, v in asdict(record).items() if k != "uri"}
+        self.fs.pipe_file(storage.join(self.path_for(record.step), COMMIT), json.dumps(body, indent=1).encode())
+        return record
+
     def prune(self, keep_last: int | None) -> list[int]:
         """Keep the newest ``keep_last`` committed checkpoints; drop older and abandoned ones."""
         listed = self.list()
@@ -192,3 +227,19 @@ class CheckpointStore:
                 self.fs.rm_file(commit)  # invisible first, then gone
             self.fs.rm(self.path_for(step), recursive=True)
         return sorted(doomed)
+
+
+def _check_record(r: CommitRecord) -> None:
+    """The types of what a commit record holds (ValueError/TypeError naming what is wrong)."""
+    for name in ("step", "epoch", "world"):
+        if not isinstance(getattr(r, name), int) or getattr(r, name) < 0:
+            raise ValueError(f"{name}: not a non-negative integer")
+    if not isinstance(r.data, list) or not all(isinstance(d, dict) for d in r.data):
+        raise ValueError("data: not a list of per-rank states")
+    if not isinstance(r.parts, list) or not all(isinstance(p, str) for p in r.parts):
+        raise ValueError("parts: not a list of names")
+    if not isinstance(r.state, dict):
+        raise ValueError("state: not an object")
+    if r.finished is not None and not (isinstance(r.finished, dict) and isinstance(r.finished.get("reason"), str)
+                                       and isinstance(r.finished.get("epochs"), int)):
+        raise ValueError('finished: not {"reason": str, "epochs": int}')

@@ -3,16 +3,21 @@
 :class:`Checkpointing` is owned by the training loop's thread. It wires the job's
 :class:`~shipyard.checkpoint.saver.Checkpointer` (which does the saving, in the background by
 default) to the model, optimizer, scheduler and data stream the context holds, and remembers
-the step last saved. Rank 0's upload thread enters it only through :meth:`_committed`, which
-posts the commit to the publisher and touches nothing else here.
+the step last saved. Several prepared parts (``ctx.prepare(..., name=...)``) are saved in one
+checkpoint; each is restored when it is added, the data position and ``ctx.state`` with the
+first. Rank 0's upload thread enters it only through :meth:`_committed`, which posts the commit
+to the publisher and touches nothing else here.
 """
 
 from __future__ import annotations
+
+import torch.distributed as dist
 
 from shipyard.checkpoint import CheckpointStore, CommitRecord
 from shipyard.checkpoint import dcp as ckpt
 from shipyard.checkpoint.saver import Checkpointer, Saved
 from shipyard.data import ShardStream
+from shipyard.runtime import user_state
 from shipyard.runtime.publisher import Publisher
 from shipyard.spec import JobSpec
 
@@ -26,7 +31,9 @@ class Checkpointing:
         self.saved_step: int | None = None  # the step of the last checkpoint saved or restored
         self.busy = False  # inside a restore, a save or a wait for a commit: not a stall (watchdog.py)
         self._checkpointer: Checkpointer | None = None
-        self._model = self._optimizer = self._scheduler = None
+        self._parts: list[ckpt.Part] = []
+        self._record: CommitRecord | None = None  # what the first part was restored from
+        self._rng: dict | None = None  # the restored RNG state, until the loop starts
 
     @property
     def enabled(self) -> bool:
@@ -35,43 +42,75 @@ class Checkpointing:
 
     @property
     def started(self) -> bool:
-        """Enabled, and :meth:`start` ran (``ctx.prepare``): saves are possible."""
+        """Enabled, and a part was added (``ctx.prepare``): saves are possible."""
         return self._checkpointer is not None
 
-    def start(self, model, optimizer, scheduler) -> CommitRecord | None:
-        """Build the Checkpointer (collective) and restore the latest committed checkpoint into
-        the model, optimizer, scheduler, data stream and RNG. Returns what was restored, if any."""
-        self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
+    def add(self, part: ckpt.Part) -> tuple[CommitRecord, dict] | None:
+        """A part was prepared: restore it from the latest committed checkpoint (collective).
+
+        The first part also builds the Checkpointer (collective) and restores the data stream,
+        and returns what was restored with ``ctx.state``'s saved values, if anything was; later
+        parts return None. The RNG state waits for :meth:`restore_rng`."""
+        self._parts.append(part)
         if self.store is None:
             return None
-        ck = self.spec.checkpoint
-        self._checkpointer = Checkpointer(self.store, strategy=self.spec.strategy.kind, keep_last=ck.keep_last,
-                                          async_upload=ck.async_upload, on_commit=self._committed)
+        first = self._checkpointer is None
+        if first:
+            ck = self.spec.checkpoint
+            self._checkpointer = Checkpointer(self.store, strategy=self.spec.strategy.kind, keep_last=ck.keep_last,
+                                              async_upload=ck.async_upload, on_commit=self._committed)
         self.busy = True
         try:
-            record = self.store.latest()
+            if first:
+                self._record = self.store.latest()
+            record = self._record
             if record is None:
                 return None
-            rank_state = ckpt.restore(self.store, record, model=model, optimizer=optimizer, scheduler=scheduler)
+            ckpt.load_part(record, part)
+            if not first:
+                return None
             # Every rank's data state, so that a different world size still resumes exactly.
             self._stream.load_state_dict(_data_states(record.data))
-            if rank_state is not None:
-                ckpt.set_rng_state(rank_state["rng"])
+            rank_state = ckpt.read_rank_state(self.store, record)
+            self._rng = rank_state["rng"] if rank_state is not None else None
+            values, empty = user_state.from_record(record.state, record.uri)
+            state = {**values, **ckpt.load_tensors(record, empty)}
             self.saved_step = record.step
-            return record
+            return record, state
         finally:
             self.busy = False
 
-    def save(self, step: int) -> None:
-        """Checkpoint at ``step`` (collective); returns once the state is staged (see saver.py)."""
+    def restore_rng(self) -> None:
+        """Set the restored RNG state (once), as the loop starts: where the saving run captured it."""
+        if self._rng is not None:
+            ckpt.set_rng_state(self._rng)
+            self._rng = None
+
+    def save(self, step: int, state: dict, finished: dict | None = None) -> None:
+        """Checkpoint at ``step`` (collective); returns once the state is staged (see saver.py).
+        ``state``: ``ctx.state``, checked here (a UserError names a key that cannot be saved)."""
+        values = user_state.split(state)
+        record = {"parts": [p.name for p in self._parts], "state": values.record(), "finished": finished}
         self.busy = True  # the save waits for the previous upload's commit
         try:
-            self._checkpointer.save(step=step, epoch=self._stream.epoch, model=self._model,
-                                    optimizer=self._optimizer, scheduler=self._scheduler,
-                                    data_state=self._stream.state_dict())
+            self._checkpointer.save(step=step, epoch=self._stream.epoch, parts=self._parts, tensors=values.tensors,
+                                    data_state=self._stream.state_dict(), record=record)
         finally:
             self.busy = False
         self.saved_step = step
+
+    def stop(self, step: int, state: dict, finished: dict) -> None:
+        """The run stops at ``step`` (collective): a checkpoint there marked ``finished``. When
+        one was saved at this very step already, its commit record is marked instead."""
+        if self.saved_step != step:
+            self.save(step, state, finished)
+            return
+        self.wait()
+        if dist.get_rank() == 0:
+            record = self.store.read_record(step)
+            if record is not None:  # None: the step was restored from an older line's record
+                self.store.mark_finished(record, finished)
+        dist.barrier()
 
     def wait(self) -> None:
         """Block until the checkpoint in flight, if any, is committed; re-raise its failure."""

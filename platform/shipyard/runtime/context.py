@@ -8,24 +8,30 @@ position agree). A user loop cannot forget to resume.
 
 The context is a facade over parts with one owner each (all the training loop's thread):
 ``checkpointing.py`` (restore, save, wait, free), ``step_agreement.py`` (do all ranks checkpoint
-or stop at this step), ``publisher.py`` (rank 0's progress to the board and TensorBoard; the one
-part rank 0's checkpoint upload thread enters, to post a commit) and ``watchdog.py``.
+or stop at this step), ``stopping.py`` (``ctx.stop`` and a ``break``: a finished run),
+``user_state.py`` (what ``ctx.state`` may hold), ``parts.py`` (the prepared models' names),
+``publisher.py`` (rank 0's progress to the board and TensorBoard; the one part rank 0's
+checkpoint upload thread enters, to post a commit) and ``watchdog.py``.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
+import weakref
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from shipyard.checkpoint.dcp import Part
 from shipyard.data import ShardStream
 from shipyard.errors import UserError
 from shipyard.parallel import STRATEGIES
 from shipyard.parallel.mesh import parallel_dims
-from shipyard.runtime import preemption
+from shipyard.runtime import parts, preemption, stopping
 from shipyard.runtime.checkpointing import Checkpointing
 from shipyard.runtime.meter import StepMeter
 from shipyard.runtime.publisher import Position, Publisher
@@ -34,7 +40,6 @@ from shipyard.runtime.tensorboard import EventWriter, log_dir
 from shipyard.runtime.watchdog import Watchdog
 from shipyard.spec import JobSpec
 
-
 class TrainContext:
     """What the platform hands to the user's ``train(ctx)``, one per rank (see docs/sdk.md).
 
@@ -42,9 +47,10 @@ class TrainContext:
     ``config:`` section), ``rank``, ``world_size``, ``local_rank`` (this rank on its node),
     ``device`` (where batches land: this rank's GPU, or ``cpu``), ``dims`` (the parallel
     dimensions of ``strategy``), ``dp_rank`` and ``dp_world`` (this rank among the data-parallel
-    replicas, which is how the data is split), and ``step`` (steps taken, counting those before a
-    restore). Users call :meth:`prepare`, :meth:`batches`, :meth:`report` and, as needed, the rest;
-    :meth:`close`, :meth:`abandon`, :meth:`finished` and :meth:`reached` are the platform's.
+    replicas, which is how the data is split), ``step`` (steps taken, counting those before a
+    restore) and ``state`` (the user's own values, saved with every checkpoint and restored by the
+    first :meth:`prepare`). Users call :meth:`prepare`, :meth:`batches`, :meth:`report` and, as
+    needed, the rest; :meth:`close`, :meth:`abandon`, :meth:`finished` and :meth:`reached` are the platform's.
     """
 
     def __init__(self, spec: JobSpec, *, rank: int, world_size: int, local_rank: int,
@@ -57,9 +63,16 @@ class TrainContext:
         self.dims = parallel_dims(spec.strategy, world_size)
         self.dp_rank, self.dp_world = self.dims.dp_rank(rank), self.dims.dp
         self.step = 0
+        self.state: dict[str, Any] = {}
         self._created = time.monotonic()  # the every_seconds clock starts here
         self._board, self._generation = board, generation  # generation: of the process group (regroup.py)
-        self._model = self._optimizer = self._scheduler = None
+        self._parts: list[Part] = []
+        self._batches_started = False
+        self._batches: weakref.ref | None = None  # the generator ctx.batches() handed out
+        self._stopped: stopping.Stop | None = None  # this run stopped (ctx.stop, or a break seen at close)
+        self._left_at: int | None = None  # the step at which a break left ctx.batches()
+        self._finished = None  # the restored record, when it says this run finished before
+        self._stop_gather = None  # built in prepare, with its process group
         self._stream = ShardStream(
             spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=self.dp_rank, world=self.dp_world,
             seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs)
@@ -93,26 +106,59 @@ class TrainContext:
 
     # -- setup ----------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer_fn: Callable[[Any], torch.optim.Optimizer],
-                scheduler_fn: Callable[[torch.optim.Optimizer], Any] | None = None):
+                scheduler_fn: Callable[[torch.optim.Optimizer], Any] | None = None, *, name: str | None = None):
         """Apply the spec's strategy, build the optimizer (and scheduler), restore the latest checkpoint.
 
         ``optimizer_fn`` receives the parameters of the wrapped model (strategies such as FSDP
         replace them). Returns ``(model, optimizer)``, or ``(model, optimizer, scheduler)``.
+        Call it once per model; a job with several models (a GAN's generator and discriminator)
+        names each: ``ctx.prepare(G, opt_fn, name="generator")``. Every part is checkpointed and
+        restored under its name; the first call also restores the step, data position and
+        ``ctx.state``.
         """
+        part_name = self._check_part(name)
         model, optimizer = STRATEGIES[self.spec.strategy.kind](model, self.device, optimizer_fn, self.spec.strategy)
         scheduler = scheduler_fn(optimizer) if scheduler_fn else None
-        self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
+        part = Part(part_name, model, optimizer, scheduler)
+        first = not self._parts
+        self._parts.append(part)
         ck = self.spec.checkpoint
-        if ck is not None:
+        if first and ck is not None:
             # The agreement's group first, then the Checkpointer's: every rank makes groups in one order.
             self._agreement = StepAgreement(rank=self.rank, every_steps=ck.every_steps, every_seconds=ck.every_seconds,
                                             reduce=max_over_ranks(dist.new_group(backend="gloo")), since=self._created)
-        record = self._checkpoints.start(model, optimizer, scheduler)
-        if record is not None:
+        restored = self._checkpoints.add(part)
+        if first:
+            self._stop_gather = self._stop_group()
+        if restored is not None:
+            record, state = restored
             self.step = record.step
+            self.state.clear()
+            self.state.update(state)
             self._agreement.restored(record.step)
             self._progress.event(f"restored from checkpoint at step {record.step} ({record.uri})",
                                  checkpoint=record.uri)
+            if record.finished is not None and not stopping.extends(record, self.spec.dataset.epochs):
+                self._finished = record
+        if first:
+            self._started()
+        return (model, optimizer) if scheduler is None else (model, optimizer, scheduler)
+
+    def _check_part(self, name: str | None) -> str:
+        if self._batches_started:
+            raise UserError("ctx.prepare() after ctx.batches() began: prepare every model before the loop")
+        return parts.check_new(self._parts, name, self.spec.strategy.kind)
+
+    def _stop_group(self):
+        """The gather with which ranks agree on a stop (stopping.py): a gloo group of its own,
+        whose timeout is how long a rank waits for the others to stop too."""
+        if self.world_size <= 1 or not dist.is_initialized():
+            return None
+        timeout = self.spec.stall_timeout_s or stopping.DEFAULT_AGREE_TIMEOUT_S
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        return stopping.gatherer(group, self.world_size, timeout)
+
+    def _started(self) -> None:
         if self._tb_wanted:
             self._progress.open_tensorboard(EventWriter(log_dir(self.spec), resumed_step=self.step))
         self._progress.push(force=True, event="started")
@@ -120,33 +166,54 @@ class TrainContext:
             self._watchdog = Watchdog(self._board, self.rank, self.spec.stall_timeout_s, step=lambda: self.step,
                                       busy=lambda: self._checkpoints.busy, generation=self._generation)
             self._watchdog.start()
-        return (model, optimizer) if scheduler is None else (model, optimizer, scheduler)
 
     # -- the loop -------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
         """This rank's batches (dicts of tensors on ``ctx.device``) from the restored position on.
 
         Checkpoints are taken here, between batches, when the spec's trigger is due, and once
-        more when the data is exhausted.
+        more when the data is exhausted. A ``break`` out of the loop stops the run (as
+        :meth:`stop` does, at :meth:`close`). A run whose checkpoint says it finished yields nothing.
         """
-        if self._model is None:
+        if not self._parts:
             raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.batches()")
+        gen = self._batches_from_here()
+        self._batches = weakref.ref(gen)
+        return gen
+
+    def _batches_from_here(self) -> Iterator[dict]:
+        self._batches_started = True
+        if self._finished is not None:
+            r = self._finished
+            self._progress.event(f"already finished: stopped at step {r.step} ({r.finished['reason']}); "
+                                 f"nothing to train (dataset.epochs above {r.finished['epochs']} goes on)")
+            self._stop_watchdog()
+            return
+        self._checkpoints.restore_rng()  # here, not in prepare: building a second model draws random numbers
         it = iter(self._stream)
         first = self.step + 1
-        while True:
-            if self.step == first:
-                self._progress.push(force=True)  # this attempt's first step is done: its recovery time
-            self._step_boundary()
-            self._progress.meter.boundary(self.step, time.perf_counter())
-            self._progress.push()  # throttled: built-in metrics flow even when the user never reports
-            waited = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            self._progress.meter.fetched(batch, time.perf_counter() - waited)
-            self.step += 1
-            yield _to_device(batch, self.device)
+        try:
+            while self._stopped is None:
+                if self.step == first:
+                    self._progress.push(force=True)  # this attempt's first step is done: its recovery time
+                self._step_boundary()
+                self._progress.meter.boundary(self.step, time.perf_counter())
+                self._progress.push()  # throttled: built-in metrics flow even when the user never reports
+                waited = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                self._progress.meter.fetched(batch, time.perf_counter() - waited)
+                self.step += 1
+                yield _to_device(batch, self.device)
+        except GeneratorExit:
+            # A break (or an exception unwinding the user's loop): only close() can tell which, as
+            # the platform calls it only after train(ctx) returned. Nothing collective here.
+            if self._stopped is None:
+                self._left_at = self.step
+            self._stop_watchdog()
+            raise
         if self._checkpoints.enabled and self._checkpoints.saved_step != self.step:
             self.checkpoint()
         self.wait_for_checkpoint()
@@ -164,7 +231,7 @@ class TrainContext:
             yield _to_device(batch, self.device)
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor,
-                   loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], *, name: str | None = None) -> torch.Tensor:
         """Forward and backward of one batch under any strategy; returns the loss, detached.
 
         ``loss_fn(model(inputs), targets)`` must be a mean over the batch. Under ``pipeline`` the
@@ -173,33 +240,33 @@ class TrainContext:
         sent from the last stage) is the same on every rank of a pipeline. Elsewhere this is
         ``loss = loss_fn(model(inputs), targets); loss.backward()``. The loss is this data-parallel
         rank's; the optimizer step (and ``clip_grad_norm_`` before it) stays in the user's loop.
+        ``name``: which prepared model, when several are.
         """
-        if self._model is None:
-            raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.train_step()")
-        pipeline = getattr(self._model, "shipyard_pipeline", None)
+        model = parts.find(self._parts, name, "train_step").model
+        pipeline = getattr(model, "shipyard_pipeline", None)
         if pipeline is not None:
             return pipeline.step(inputs, targets, loss_fn)
-        loss = loss_fn(self._model(inputs), targets)
+        loss = loss_fn(model(inputs), targets)
         loss.backward()
         return loss.detach()
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, *, name: str | None = None) -> torch.Tensor:
         """Clip the gradients of the prepared model to a global 2-norm of ``max_norm`` (collective).
 
         The norm is the whole model's under every strategy (FSDP/TP shards, pipeline stages; see
         ``parallel/clip.py``); returns it (before clipping), equal on every rank. Call it after
-        backward (``ctx.train_step``) and before ``optimizer.step()``.
+        backward (``ctx.train_step``) and before ``optimizer.step()``. ``name``: which prepared
+        model, when several are.
         """
         from shipyard.parallel.clip import clip_grad_norm_
 
-        if self._model is None:
-            raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.clip_grad_norm_()")
+        part = parts.find(self._parts, name, "clip_grad_norm_")
         if self.spec.strategy.kind == "horovod":
             # Horovod averages gradients inside optimizer.step(); clip what it averaged. Its step
             # then averages the (already equal) clipped gradients once more, with a warning.
-            self._optimizer.synchronize()
-        pipeline = getattr(self._model, "shipyard_pipeline", None)
-        return clip_grad_norm_(self._model.parameters(), max_norm,
+            part.optimizer.synchronize()
+        pipeline = getattr(part.model, "shipyard_pipeline", None)
+        return clip_grad_norm_(part.model.parameters(), max_norm,
                                pp_group=pipeline.pp_group if pipeline is not None else None)
 
     def report(self, **metrics: Any) -> None:
@@ -230,15 +297,47 @@ class TrainContext:
         """
         if not self._checkpoints.started:
             raise UserError("ctx.checkpoint(): the job spec has no checkpoint section")
-        self._checkpoints.save(self.step)
+        self._checkpoints.save(self.step, self.state)
         self._agreement.saved()
+
+    def stop(self, reason: str = "ctx.stop()") -> None:
+        """Stop the run for good at this step (collective: every rank calls it at the same step).
+
+        Checkpoints now, marked finished with ``reason`` (early stopping, a target reached), and
+        waits for the commit; ``ctx.batches()`` then yields no more batches. Running the job again
+        reports that it finished and trains nothing, unless its ``dataset.epochs`` is larger (see
+        docs/sdk.md). A ``break`` out of ``ctx.batches()`` stops the same way, at :meth:`close`.
+        """
+        if not self._parts:
+            raise UserError("call ctx.prepare(model, optimizer_fn) before ctx.stop()")
+        if self._stopped is None:
+            self._stop_now(stopping.reason_of(reason))
+
+    def _stop_now(self, reason: str) -> None:
+        stop = stopping.Stop(self.step, reason)
+        if self._stop_gather is not None:
+            stop = stopping.agree(stop, self._stop_gather)
+        self._stopped = stop
+        if self._checkpoints.started:
+            self._checkpoints.stop(self.step, self.state, stopping.finished_record(stop, self.spec.dataset.epochs))
+            self._agreement.saved()
+            self.wait_for_checkpoint()
+            self._progress.event(f"stopped at step {stop.step} ({stop.reason}): checkpoint committed, marked finished")
+        else:
+            self._progress.event(f"stopped at step {stop.step} ({stop.reason}); no checkpoint section, nothing saved")
 
     def wait_for_checkpoint(self) -> None:
         """Block until the checkpoint in flight, if any, is committed."""
         self._checkpoints.wait()
 
     def close(self) -> None:
-        """Called by the platform after ``train(ctx)`` returns: commit what is in flight, free buffers."""
+        """Called by the platform after ``train(ctx)`` returns: stop the run if a ``break`` left
+        ``ctx.batches()`` early, commit what is in flight, free buffers."""
+        gen = self._batches() if self._batches is not None else None
+        if gen is not None and inspect.getgeneratorstate(gen) == inspect.GEN_SUSPENDED:
+            gen.close()  # still held by the user's code: a break that has not closed it yet
+        if self._left_at is not None and self._stopped is None:
+            self._stop_now(f"break out of ctx.batches() after step {self._left_at}")
         self._stop_watchdog()
         self._checkpoints.close()
         self._progress.close(flush=True)  # after the last commit: its blocking time is a point too

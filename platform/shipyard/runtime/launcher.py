@@ -23,6 +23,7 @@ from shipyard.checkpoint import CheckpointStore
 from shipyard.config import Settings, forwarded_env
 from shipyard.errors import UserError, chain
 from shipyard.run.records import RunSnapshot
+from shipyard.runtime import stopping
 from shipyard.runtime.output import RankOutput
 from shipyard.runtime.ray_adapter import PRINT_PATCH_ENV, loopback_only, quiet_token_auth_notice, route_worker_output
 from shipyard.spec import JobSpec
@@ -37,6 +38,7 @@ class RunResult:
     snapshot: RunSnapshot = field(default_factory=RunSnapshot)
     error: str | None = None
     user_error: bool = False
+    already_finished: str | None = None  # the line saying so, when the job had finished before (no training)
 
 
 def preflight(spec: JobSpec) -> JobSpec:
@@ -174,6 +176,9 @@ def launch(spec: JobSpec, on_progress: Callable[[RunSnapshot], None] = lambda s:
     settings = settings or Settings.from_env()
     verbose = output is None or output.options.verbose
     spec = preflight(spec)
+    done = stopping.finished_before(spec)
+    if done is not None:
+        return RunResult(True, 0.0, already_finished=done)
     callers_ray = ray.is_initialized()
     started_ray = connect(spec, settings, verbose)
     stop_output = route_worker_output(output.on_lines) if output is not None else None

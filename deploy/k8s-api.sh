@@ -168,14 +168,8 @@ build() {
 
 CRD_DIR=${SHIPYARD_CRD_DIR:-$REPO/../shared/schemas/kuberay}
 
-free_port() {
-  local p
-  for _ in $(seq 1 50); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  die "no free TCP port found on 127.0.0.1"
-}
+# shellcheck source=free-port.sh
+source "$(dirname "${BASH_SOURCE[0]}")/free-port.sh"
 
 etcd_binary() {
   if [ -n "${SHIPYARD_ETCD:-}" ]; then echo "$SHIPYARD_ETCD"; return; fi

@@ -69,14 +69,8 @@ if [ "$(id -u)" = 0 ]; then
     || die "$dir is not reachable by the postgres user (a parent directory is private to root); use a directory under /tmp"
 fi
 
-free_port() {
-  local p
-  for _ in $(seq 1 50); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  die "no free TCP port found on 127.0.0.1"
-}
+# shellcheck source=free-port.sh
+source "$(dirname "${BASH_SOURCE[0]}")/free-port.sh"
 
 if [ ! -f "$data/PG_VERSION" ]; then
   log "initialising a cluster in $data"

@@ -316,7 +316,7 @@ class TrainContext:
     def _stop_now(self, reason: str) -> None:
         stop = stopping.Stop(self.step, reason)
         if self._stop_gather is not None:
-            stop = stopping.agree(stop, self._stop_gather)
+            stop = stopping.check(self._stop_gather(stop))  # collective: every rank's stop, judged
         self._stopped = stop
         if self._checkpoints.started:
             self._checkpoints.stop(self.step, self.state, stopping.finished_record(stop, self.spec.dataset.epochs))

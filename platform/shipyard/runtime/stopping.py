@@ -4,7 +4,7 @@ A stop ends the run for good: every rank checkpoints at the stop step and the co
 marked ``finished`` with the reason, so that running the job again reports that it finished
 instead of training on. The rule, as for ``ctx.checkpoint()``: every rank stops at the same step
 (decide on values every rank has, e.g. an all-reduced validation loss). The ranks check that they
-did in :func:`agree`, one small all-gather on a gloo group of its own whose timeout is the job's
+did with one small all-gather (:func:`gatherer`, judged by :func:`check`) on a gloo group of its own whose timeout is the job's
 ``stall_timeout_s``: a rank that stops alone, or at another step, fails the run with a UserError
 naming the ranks and steps, after at most that long, rather than leaving its peers waiting for it
 in a collective forever.
@@ -48,12 +48,6 @@ def check(stops: list[Stop | None]) -> Stop:
                       for r, s in enumerate(stops))
     raise UserError(f"ctx.stop / break out of ctx.batches(): every rank must stop at the same step ({where}); "
                     "decide on values every rank has (e.g. an all-reduced validation loss)")
-
-
-def agree(mine: Stop, gather: Callable[[Stop], list[Stop | None]]) -> Stop:
-    """Collective: the run's stop, once every rank stopped at the same step. ``gather`` is the
-    all-gather (with a timeout: a rank that never stops shows up as None, see :func:`gatherer`)."""
-    return check(gather(mine))
 
 
 def gatherer(group, world: int, timeout_s: float) -> Callable[[Stop], list[Stop | None]]:

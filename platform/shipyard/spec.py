@@ -155,10 +155,22 @@ class HybridStrategy(_Model):
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
 
 
+class CustomStrategy(_Model):
+    """Your own parallelism: shipyard applies nothing. ``train(ctx)`` gets ``ctx.mesh`` (the
+    ``(pp, dp, tp)`` DeviceMesh) and wraps the model itself (e.g. torchtitan's
+    ``parallelize_llama``, or ``fully_shard`` by hand) before ``ctx.prepare``, which then only builds
+    the optimizer and restores; data is split over ``dp``, checkpoints go through DCP."""
+
+    kind: Literal["custom"] = "custom"
+    tp: int = Field(1, ge=1, le=4096, description="size of the mesh's tp dimension (ranks that read the same batches)")
+    pp: int = Field(1, ge=1, le=4096, description="size of the mesh's pp dimension (ranks that read the same batches)")
+
+
 # Strategies whose only mesh dimension is data parallel, so any world size works.
 ELASTIC_STRATEGIES = ("ddp", "horovod", "fsdp")
 
-Strategy = DDPStrategy | HorovodStrategy | FSDPStrategy | TensorStrategy | PipelineStrategy | HybridStrategy
+Strategy = (DDPStrategy | HorovodStrategy | FSDPStrategy | TensorStrategy | PipelineStrategy | HybridStrategy
+            | CustomStrategy)
 
 
 class Dataset(_Model):
@@ -218,6 +230,8 @@ class JobSpec(_Model):
     dataset: Dataset = Field(description="the shards the job trains on (and evaluates on)")
     checkpoint: Checkpoint | None = Field(None, description="where and how often to checkpoint; null: no checkpoints, so a restart begins at step 0")
     metrics: Metrics = Field(Metrics(), description="what the platform records besides ctx.report")
+    max_steps: int | None = Field(None, ge=1, le=10**12, description="end the run at this step even if the data goes on (a run of the same spec that reached it trains nothing more; a larger max_steps goes on)")
+    gradient_accumulation: int = Field(1, ge=1, le=4096, description="batches per step: ctx.batches() yields this many batches for each step, ctx.sync_gradients is true on the last one (step the optimizer then), and checkpoints fall between steps only; a last step short of its batches is dropped")
     max_failures: int = Field(0, ge=-1, le=10_000, description="failed attempts allowed before the job fails (preemptions do not count); -1 = unlimited")
     retry_repeated_errors: bool = Field(False, description="retry an attempt that failed with the same error at the same step as the attempt before it (false: such a failure is deterministic and ends the job at once, whatever max_failures allows)")
     nan_policy: Literal["fail", "warn", "ignore"] = Field("fail", description="a reported metric (the loss included) that is NaN or infinite: fail the attempt naming the metric and step; warn once per metric and train on; or ignore it")

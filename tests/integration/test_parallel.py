@@ -173,18 +173,21 @@ def test_pipeline_two_stages_matches_reference_and_resumes(shipyard, ray_address
 
 # -- 4-rank meshes, torch.multiprocessing ----------------------------------------------------
 
-def _rank(rank, world, port, strategy, data, out, ckpt, epochs):
+def _rank(rank, world, port, strategy, data, out, ckpt, epochs, job):
+    import importlib
+
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        import train
+        sys.path.insert(0, job)
+        train = importlib.import_module("train")
         from shipyard.runtime.context import TrainContext
         from shipyard.spec import spec_from_dict
 
-        dp = world // strategy.get("tp", 1) // strategy.get("stages", 1)
+        dp = world // strategy.get("tp", 1) // strategy.get("stages", strategy.get("pp", 1))
         spec = spec_from_dict({
             "name": "lm", "entrypoint": "train.py:train", "workers": {"count": world}, "strategy": strategy,
             "dataset": {"uri": data, "batch_size": GLOBAL_BATCH // dp, "epochs": epochs},
@@ -197,10 +200,11 @@ def _rank(rank, world, port, strategy, data, out, ckpt, epochs):
         dist.destroy_process_group()
 
 
-def run_ranks(world, strategy, data, out, ckpt, epochs=1):
+def run_ranks(world, strategy, data, out, ckpt, epochs=1, job=REPO / "jobs" / "lm"):
+    """``train(ctx)`` of ``job``'s train.py on ``world`` ranks (jobs/lm's model is importable)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(world, free_port(), strategy, str(data), str(out), str(ckpt), epochs), nprocs=world)
+    mp.spawn(_rank, args=(world, free_port(), strategy, str(data), str(out), str(ckpt), epochs, str(job)), nprocs=world)
 
 
 @pytest.mark.parametrize("strategy", [
@@ -236,3 +240,20 @@ def test_pipeline_runs_a_short_last_batch_whole_and_matches_reference(tmp_path):
     assert len(expected) == 42  # 20 full batches and the short one, twice
     assert_losses_match(step_losses(out, [0]), expected, range(1, 43))
     assert step_losses(out, [1]) == step_losses(out, [0])  # the loss reaches every stage
+
+
+def test_custom_strategy_runs_the_jobs_own_fsdp_matches_reference_and_resumes(corpus, tmp_path):
+    """kind: custom applies nothing: the job shards the model itself on ctx.mesh["dp"]. Its losses
+    are the reference's (so the data is split over dp and the gradients are reduced), and a second
+    run resumes from the DCP checkpoint of the job's own FSDP modules at step 20."""
+    job = REPO / "tests" / "integration" / "jobs" / "custom_fsdp"
+    out, ckpt = tmp_path / "out", tmp_path / "ck"
+    out.mkdir()
+    run_ranks(2, {"kind": "custom"}, corpus, out, ckpt, job=job)
+    expected = reference_losses(corpus, dp=2, epochs=2)
+    assert_losses_match(step_losses(out, [0, 1]), expected, range(1, 21))
+    assert all(json.loads(line)["sharded"] for line in (out / "rank0.jsonl").read_text().splitlines())
+    run_ranks(2, {"kind": "custom"}, corpus, out, ckpt, epochs=2, job=job)
+    steps = [json.loads(line)["step"] for line in (out / "rank0.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41)), steps  # the second run began at step 21: it resumed
+    assert_losses_match(step_losses(out, [0, 1]), expected, range(1, 41))

@@ -13,6 +13,7 @@ wraps the optimizer rather than the model).
 | tensor     | ``tensor.py`` (+ ddp over dp)  | (1, world / tp, tp)                     |
 | pipeline   | ``pipeline.py``                | (stages, world / stages, 1)             |
 | hybrid     | ``tensor.py`` then ``fsdp.py`` | (1, dp_shard, tp), dp shards            |
+| custom     | ``custom.py`` (applies nothing) | (pp, world / (pp * tp), tp)            |
 
 Modules are imported when a job asks for their strategy: the spec imports ``mesh`` for its
 validation, and that must not pull in torch (or Horovod) where only a spec is checked.
@@ -38,6 +39,7 @@ STRATEGIES = {
     "tensor": _lazy("tensor", "apply_tensor"),
     "pipeline": _lazy("pipeline", "apply_pipeline"),
     "hybrid": _lazy("fsdp", "apply_hybrid"),
+    "custom": _lazy("custom", "apply_custom"),
 }
 
 

@@ -79,6 +79,12 @@ def parallel_dims(strategy, world: int) -> ParallelDims:
         if dp * strategy.tp != world:
             raise MeshError("dp_shard", f"dp_shard={dp} x tp={strategy.tp} needs {dp * strategy.tp} workers, got {world}")
         return ParallelDims(world, dp=dp, tp=strategy.tp, dp_shard=True)
+    if kind == "custom":
+        _multiple("tp", strategy.tp, world)
+        if world % (strategy.pp * strategy.tp):
+            raise MeshError("pp", f"pp={strategy.pp} x tp={strategy.tp} needs a multiple of "
+                                  f"{strategy.pp * strategy.tp} workers, got {world}")
+        return ParallelDims(world, pp=strategy.pp, dp=world // (strategy.pp * strategy.tp), tp=strategy.tp)
     raise MeshError("kind", f"unknown strategy {kind!r}")
 
 

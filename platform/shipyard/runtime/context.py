@@ -79,7 +79,10 @@ class TrainContext:
         # Built-in metrics (runtime/meter.py) and, with metrics.tensorboard, rank 0's event files:
         # both fed from local numbers only, sent with the throttled push.
         self._tb_wanted = spec.metrics.tensorboard and rank == 0 and board is not None
-        samples_per_step = spec.dataset.batch_size * self.dp_world
+        self._accumulate = spec.gradient_accumulation
+        self._syncing = True  # this batch ends its step (ctx.sync_gradients)
+        self._in_step = 0  # batches of the step now running already taken (0 at a step boundary)
+        samples_per_step = spec.dataset.batch_size * self.dp_world * self._accumulate
         meter = StepMeter(samples_per_step=samples_per_step, dp_world=self.dp_world, device=device,
                           tokens_key=spec.metrics.tokens_key, per_step=self._tb_wanted)
         self._progress = Publisher(board, rank=rank, position=self._position, samples_per_step=samples_per_step,
@@ -87,6 +90,19 @@ class TrainContext:
         self._checkpoints = Checkpointing(spec, self._stream, self._progress)
         self._agreement: StepAgreement | None = None  # built in prepare, with its process group
         self._watchdog: Watchdog | None = None
+        self._mesh = None
+
+    @property
+    def mesh(self):
+        """The job's ``(pp, dp, tp)`` DeviceMesh (dimension names ``pp``, ``dp``, ``tp``; see
+        ``parallel/mesh.py``), for a model that parallelizes itself under ``strategy: {kind:
+        custom}``: ``fully_shard(block, mesh=ctx.mesh["dp"])``, ``parallelize_module(model,
+        ctx.mesh["tp"], plan)``. Built on first use, which is collective: every rank must touch it."""
+        if self._mesh is None:
+            from shipyard.parallel.mesh import device_mesh
+
+            self._mesh = device_mesh(self.dims, self.device)
+        return self._mesh
 
     @property
     def epoch(self) -> int:
@@ -101,8 +117,27 @@ class TrainContext:
 
     @property
     def total_steps(self) -> int:
-        """Steps when the data is exhausted (counting steps taken before a restore)."""
-        return self.step + self._stream.remaining_batches
+        """The step at which the run ends: when the data is exhausted, or at ``max_steps``
+        (counting steps taken before a restore)."""
+        done = self.step - (self._in_step > 0)  # steps whose every batch was taken
+        total = done + (self._stream.remaining_batches + self._in_step) // self._accumulate
+        return total if self.spec.max_steps is None else min(total, max(self.step, self.spec.max_steps))
+
+    @property
+    def sync_gradients(self) -> bool:
+        """Whether the batch just yielded is the last of its step, after which the optimizer
+        steps. Always true unless the spec sets ``gradient_accumulation`` (see :meth:`no_sync`)."""
+        return self._syncing
+
+    def no_sync(self, *, name: str | None = None):
+        """A context manager for forward and backward of a batch: while :attr:`sync_gradients`
+        is false, gradients accumulate locally and are not reduced across data-parallel ranks
+        (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``); on the step's last
+        batch it does nothing, so that batch's backward reduces the sum. ``name``: which prepared
+        model, when several are."""
+        from shipyard.parallel.accumulate import no_sync
+
+        return no_sync(parts.find(self._parts, name, "no_sync").model, skip=self._syncing)
 
     # -- setup ----------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer_fn: Callable[[Any], torch.optim.Optimizer],
@@ -199,14 +234,15 @@ class TrainContext:
                 self._step_boundary()
                 self._progress.meter.boundary(self.step, time.perf_counter())
                 self._progress.push()  # throttled: built-in metrics flow even when the user never reports
-                waited = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                self._progress.meter.fetched(batch, time.perf_counter() - waited)
+                if self.step >= self.total_steps:
+                    break  # the data is exhausted (a last step short of its batches is dropped), or max_steps
                 self.step += 1
-                yield _to_device(batch, self.device)
+                for k in range(self._accumulate):  # the step's batches; checkpoints fall between steps only
+                    waited = time.perf_counter()
+                    batch = next(it)  # never exhausted here: total_steps counted whole steps
+                    self._progress.meter.fetched(batch, time.perf_counter() - waited)
+                    self._in_step, self._syncing = (k + 1) % self._accumulate, k == self._accumulate - 1
+                    yield _to_device(batch, self.device)
         except GeneratorExit:
             # A break (or an exception unwinding the user's loop): only close() can tell which, as
             # the platform calls it only after train(ctx) returned. Nothing collective here.

@@ -59,12 +59,13 @@ class StepMeter:
         self._steps: list[tuple[int, dict[str, float]]] = []
 
     def fetched(self, batch: dict, wait_s: float) -> None:
-        """The loop got its next batch after waiting ``wait_s`` seconds."""
+        """The loop got its next batch after waiting ``wait_s`` seconds (a step of several
+        batches, with ``gradient_accumulation``, counts the waits and tokens of all of them)."""
         if not self._key_known:
             self.tokens_key, self._key_known = token_key(batch, self.tokens_key), True
         t = batch.get(self.tokens_key) if self.tokens_key is not None else None
-        self._tokens = t.numel() if hasattr(t, "numel") else 0
-        self._wait = wait_s
+        self._tokens += t.numel() if hasattr(t, "numel") else 0
+        self._wait = (self._wait or 0.0) + wait_s
 
     def boundary(self, step: int, now: float) -> None:
         """A step boundary (the user's code is done with ``step``; checkpoints, if due, are taken)."""
@@ -76,7 +77,7 @@ class StepMeter:
             self._tokens_sum += self._tokens
             if self.per_step and len(self._steps) < MAX_PENDING_STEPS:
                 self._steps.append((step, {"step_time_s": dt, "data_wait_s": self._wait}))
-        self._wait, self._last = None, now
+        self._wait, self._last, self._tokens = None, now, 0
 
     def flush(self) -> dict[str, float]:
         """Aggregates since the previous flush (empty when no step finished since)."""

@@ -18,8 +18,8 @@ NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 # Strategies under which several parts may be prepared. The others build one structure per job
 # around one model: pipeline stages and their schedule (driven by ctx.train_step), a tensor-
 # parallel plan over one mesh (not tried with two), Horovod's allreduces named by parameter name
-# (two models' "0.weight" would collide).
-MULTI_PART_STRATEGIES = ("ddp", "fsdp")
+# (two models' "0.weight" would collide). Under custom the user's code builds whatever it builds.
+MULTI_PART_STRATEGIES = ("ddp", "fsdp", "custom")
 
 
 def check_new(parts: list[Part], name: str | None, strategy: str) -> str:

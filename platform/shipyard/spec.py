@@ -105,6 +105,9 @@ class DDPStrategy(_Model):
     """Data parallel: every rank holds the whole model, gradients are averaged (PyTorch DDP)."""
 
     kind: Literal["ddp"] = "ddp"
+    sync_batchnorm: bool = Field(False, description="convert BatchNorm layers to SyncBatchNorm (statistics over "
+                                                    "the global batch, not each rank's); GPU workers only: "
+                                                    "torch's SyncBatchNorm does not run on CPU")
 
 
 class HorovodStrategy(_Model):

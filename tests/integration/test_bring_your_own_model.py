@@ -61,3 +61,39 @@ def test_gan_killed_and_stopped_early_resumes_bit_identical_and_stays_finished(
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"gan already finished: stopped at step {STOP} (break out of ctx.batches() after step {STOP})" in again.stdout
     assert steps(chaos_out, 0) == trained  # nothing trained
+
+
+CNN_JOB = str(Path(__file__).parents[2] / "jobs" / "cnn" / "job.yaml")
+
+
+def run_cnn(shipyard, ray_address, digits, out: Path, *extra):
+    out.mkdir(exist_ok=True)
+    sets = {"dataset.uri": digits / "train", "dataset.eval_uri": digits / "test", "dataset.epochs": 1,
+            "checkpoint.uri": out / "ck", "checkpoint.every_steps": 5, "checkpoint.keep_last": "null",
+            "config.out": out, "config.width": 8, "max_failures": 1}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return shipyard("run", CNN_JOB, *args, *extra, env={"RAY_ADDRESS": ray_address})
+
+
+def test_batchnorm_cnn_killed_resumes_with_bit_identical_weights_and_running_stats(
+        shipyard, ray_address, digits_shards, tmp_path):
+    """jobs/cnn (BatchNorm) under DDP, rank 1 SIGKILLed at step 12 of 23: the resumed run ends
+    with the uninterrupted run's weights and running statistics, bit for bit, on both ranks. (Each
+    checkpoint holds rank 0's buffers, which DDP's next forward would give every rank anyway;
+    without the sync it may hold rank 1's, and the resumed run's statistics then differ.)"""
+    clean_out, chaos_out = tmp_path / "clean", tmp_path / "chaos"
+    r = run_cnn(shipyard, ray_address, digits_shards, clean_out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cnn(shipyard, ray_address, digits_shards, chaos_out, "--set", "config.kills=[[12, 1]]")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (chaos_out / "killed-12").exists()
+    assert re.search(r"restored from checkpoint at step (5|10) ", r.stdout), r.stdout[-3000:]
+
+    clean = torch.load(clean_out / "final-rank0.pt")
+    assert clean["step"] == 23
+    assert sum(k.endswith("running_var") for k in clean["model"]) == 5  # stem + 2 blocks x 2
+    for rank in (0, 1):
+        chaos = torch.load(chaos_out / f"final-rank{rank}.pt")
+        assert chaos["step"] == 23
+        for k, v in clean["model"].items():
+            assert torch.equal(chaos["model"][k], v), f"rank {rank}: {k} differs from the uninterrupted run"

@@ -30,6 +30,7 @@ from shipyard.checkpoint.dcp import Part
 from shipyard.data import ShardStream
 from shipyard.errors import UserError
 from shipyard.parallel import STRATEGIES
+from shipyard.parallel.buffers import dp_group, sync_buffers
 from shipyard.parallel.mesh import parallel_dims
 from shipyard.runtime import parts, preemption, stopping
 from shipyard.runtime.checkpointing import Checkpointing
@@ -73,6 +74,7 @@ class TrainContext:
         self._left_at: int | None = None  # the step at which a break left ctx.batches()
         self._finished = None  # the restored record, when it says this run finished before
         self._stop_gather = None  # built in prepare, with its process group
+        self._dp_group = None  # buffers are synced over it (parallel/buffers.py); None: the world
         self._stream = ShardStream(
             spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=self.dp_rank, world=self.dp_world,
             seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs)
@@ -165,6 +167,8 @@ class TrainContext:
         restored = self._checkpoints.add(part)
         if first:
             self._stop_gather = self._stop_group()
+            if self.world_size > 1 and self.dims.dp > 1 and dist.is_initialized():
+                self._dp_group = dp_group(self.dims)
         if restored is not None:
             record, state = restored
             self.step = record.step
@@ -257,14 +261,28 @@ class TrainContext:
         self._progress.push(force=True)
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[dict]:
-        """This rank's share of ``dataset.eval_uri``: every row once across ranks, file order."""
+        """This rank's share of ``dataset.eval_uri``: every row once across ranks, file order.
+
+        Collective: every rank calls it, at the same point. The call itself (before the first
+        batch) makes the prepared models' buffers (BatchNorm running statistics) those of
+        data-parallel rank 0, so every rank scores its share with the same model.
+        """
         uri = self.spec.dataset.eval_uri
         if not uri:
             raise UserError("ctx.eval_batches(): dataset.eval_uri is not set in the job spec")
+        self.sync_buffers()
         stream = ShardStream(uri, batch_size=batch_size or self.spec.dataset.batch_size, rank=self.dp_rank,
                              world=self.dp_world, shuffle=False, drop_remainder=False)
-        for batch in stream:
-            yield _to_device(batch, self.device)
+        return (_to_device(batch, self.device) for batch in stream)
+
+    def sync_buffers(self) -> None:
+        """Make every prepared model's buffers those of data-parallel rank 0 (collective; see
+        ``parallel/buffers.py`` for why a broadcast). Done for you before every checkpoint and by
+        :meth:`eval_batches`; free for a model without buffers."""
+        if self.world_size <= 1 or self.dims.dp <= 1 or not dist.is_initialized():
+            return
+        for part in self._parts:
+            sync_buffers(part.model, self._dp_group)
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor,
                    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], *, name: str | None = None) -> torch.Tensor:
@@ -333,6 +351,7 @@ class TrainContext:
         """
         if not self._checkpoints.started:
             raise UserError("ctx.checkpoint(): the job spec has no checkpoint section")
+        self.sync_buffers()  # one copy is saved; it must be the one every rank continues from
         self._checkpoints.save(self.step, self.state)
         self._agreement.saved()
 
@@ -355,6 +374,7 @@ class TrainContext:
             stop = stopping.check(self._stop_gather(stop))  # collective: every rank's stop, judged
         self._stopped = stop
         if self._checkpoints.started:
+            self.sync_buffers()  # as before every checkpoint
             self._checkpoints.stop(self.step, self.state, stopping.finished_record(stop, self.spec.dataset.epochs))
             self._agreement.saved()
             self.wait_for_checkpoint()

@@ -155,6 +155,15 @@ def test_gpu_pools_and_job_namespace(helm):
     assert objs["RoleBinding"]["subjects"][0]["namespace"] == NS
 
 
+def test_a_kueue_queue_reaches_the_backend_config(helm):
+    def queue_of(*args):
+        cm = by_kind(render(helm, *args))["ConfigMap"]
+        return KubeRayConfig.from_dict(yaml.safe_load(cm["data"]["config.yaml"])["kuberay"]).queue
+
+    assert queue_of() is None  # by default shipyard's own scheduler admits
+    assert queue_of("--set", "kuberay.queue=team-a-gpus") == "team-a-gpus"
+
+
 def test_rbac_covers_what_the_backend_calls(helm):
     objs = by_kind(render(helm))
     rules = [(g, r, v) for rule in objs["Role"]["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]]

@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from shipyard.backends.base import BackendError, State
 from shipyard.backends.kuberay import KubeRayBackend
 from shipyard.backends.kuberay_manifest import (
-    GROUP, JOB_ID, MANAGED_BY, MAX_NAME, PLURAL, VERSION, KubeRayConfig, NodePool, build_rayjob, rayjob_name,
+    GROUP, JOB_ID, MANAGED_BY, MAX_NAME, PLURAL, TENANT, VERSION, KubeRayConfig, NodePool, build_rayjob, rayjob_name,
 )
 from shipyard.packages import PackageStore
 from shipyard.spec import spec_from_dict
@@ -152,6 +152,13 @@ def test_every_rayjob_is_accepted_strictly_and_stored_as_sent(k8s_api, ns, case)
     assert missing(sent, stored) == []
     group, = stored["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["numOfHosts"] == 1  # the CRD's default, applied by the server
+    rcs = stored["spec"]["rayClusterSpec"]
+    periods = {rcs["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+               group["template"]["spec"]["terminationGracePeriodSeconds"]}
+    assert len(periods) == 1 and periods.pop() > spec.checkpoint.preemption_grace_s  # no kill mid-commit
+    if spec.workers.elastic:  # starts at min, Ray's autoscaler grows it to max
+        assert (group["replicas"], group["minReplicas"], group["maxReplicas"], rcs["enableInTreeAutoscaling"]) \
+            == (2, 2, 8, True)
     assert stored["metadata"]["uid"] and stored["metadata"]["creationTimestamp"]
     assert (be.status(handle).state, be.list_jobs()) == (State.PENDING, {job_id: handle})
 
@@ -258,6 +265,42 @@ def test_cancel_by_suspend_is_a_merge_patch_the_server_accepts(k8s_api, ns):
     op.status(name, "Suspended")
     assert backend(k8s_api, ns).status(handle).state is State.STOPPED
     be.cancel(backend(k8s_api, ns).list_jobs()["job-sus"])  # suspending a suspended job: fine
+
+
+def test_a_kueue_job_waits_suspended_and_runs_when_kueue_admits_it(k8s_api, ns):
+    """With ``queue``, the RayJob is created suspended with Kueue's label (Strict, so the server
+    keeps both), is PENDING with Kueue named while suspended (never timed out as a stuck start),
+    RUNNING once Kueue unsuspends it, and a cancel deletes it (a suspend would requeue it in Kueue)."""
+    late = backend(k8s_api, ns, queue="team-a-gpus", clock=lambda: time.time() + 10_000, init_timeout_s=600)
+    op = Operator(k8s_api.api_client(), ns)
+    handle = late.submit("job-kueue", spec_of({"workers": {"gpus": 1}}), "team-a")
+    name = handle.split("/")[1]
+    stored = op.get(name)
+    assert stored["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
+    assert stored["spec"]["suspend"] is True
+    for deployment in (None, "Suspended"):  # before the operator looked, and after
+        if deployment:
+            op.status(name, deployment)
+        st = late.status(handle)
+        assert (st.state, st.reason) == (State.PENDING, "KueueAdmission")
+        assert "waiting for Kueue admission in queue team-a-gpus" in st.message and ns in st.message
+    op.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"suspend": False}})
+    op.status(name, "Running", "RUNNING")  # Kueue admitted it, the operator started the cluster
+    assert late.status(handle).state is State.RUNNING
+    late.cancel(handle)
+    with pytest.raises(ApiException) as err:
+        op.get(name)
+    assert err.value.status == 404
+
+
+def test_a_tenant_with_its_own_namespace_runs_there_and_is_still_listed(k8s_api, ns):
+    own = f"{ns}-b"
+    be = backend(k8s_api, ns, namespaces={"team-b": own})
+    a, b = be.submit("job-a", spec_of({}), "team-a"), be.submit("job-b", spec_of({}), "team-b")
+    assert (a, b) == (f"{ns}/{rayjob_name('job-a')}", f"{own}/{rayjob_name('job-b')}")
+    assert Operator(k8s_api.api_client(), own).get(rayjob_name("job-b"))["metadata"]["annotations"][TENANT] == "team-b"
+    assert backend(k8s_api, ns, namespaces={"team-b": own}).list_jobs() == {"job-a": a, "job-b": b}  # a restart finds both
+    assert be.status(b).state is State.PENDING
 
 
 def test_stuck_initializing_times_out_and_releases_the_cluster(k8s_api, ns):

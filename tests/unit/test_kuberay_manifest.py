@@ -19,7 +19,7 @@ import yaml
 
 from shipyard.backends.base import SPEC_ENV, entrypoint_command
 from shipyard.backends.kuberay_manifest import (
-    GPU, JOB_ID, MAX_NAME, RAYJOB, TENANT, KubeRayConfig, NodePool, build_rayjob, label_value, rayjob_name,
+    GPU, GRACE_MARGIN_S, JOB_ID, KUEUE_QUEUE, MAX_NAME, RAYJOB, TENANT, KubeRayConfig, NodePool, build_rayjob, label_value, rayjob_name,
     rayjob_requests,
 )
 from shipyard.errors import SpecError
@@ -46,7 +46,11 @@ def strategy_kinds() -> list[str]:
 
 
 def make_spec(kind: str = "ddp", count: int = 4, cpus: float = 2.0, gpus: float = 0.0) -> JobSpec:
-    return spec_from_dict({
+    return spec_from_dict(make_spec_dict(kind, count, cpus, gpus))
+
+
+def make_spec_dict(kind: str = "ddp", count: int = 4, cpus: float = 2.0, gpus: float = 0.0) -> dict:
+    return ({
         "name": "digits", "entrypoint": "train.py:train", "workdir": "/opt/shipyard/jobs/digits",
         "workers": {"count": count, "cpus": cpus, "gpus": gpus}, "strategy": {"kind": kind},
         "dataset": {"uri": "s3://data/digits"}, "checkpoint": {"uri": "s3://ckpt/digits", "every_steps": 10},
@@ -155,6 +159,56 @@ def test_gpu_workers_request_whole_gpus_on_the_gpu_pool():
     assert rayjob_requests(obj).gpus == 8 and rayjob_requests(obj).cpus == 1 + 8 * 1.5
 
 
+def test_an_elastic_range_is_an_autoscaled_worker_group_starting_at_min(rayjob_schema):
+    raw = make_spec_dict(gpus=1.0)
+    raw["workers"] = {"min": 2, "max": 8, "gpus": 1.0, "cpus": 2.0}
+    obj = validate(rayjob_schema, build_rayjob("job-1", spec_from_dict(raw), "team-a", CONFIG))
+    group = worker_group(obj)
+    # Not replicas = max: the cluster starts at min and Ray's autoscaler adds pods up to max.
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 8)
+    assert obj["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    assert rayjob_requests(obj).gpus == 2  # what the job holds at the start
+    fixed = build_rayjob("job-1", make_spec(count=8), "team-a", CONFIG)
+    assert "enableInTreeAutoscaling" not in fixed["spec"]["rayClusterSpec"]  # a fixed gang never scales
+
+
+def test_pods_outlive_the_checkpoint_grace_before_kubernetes_kills_them():
+    raw = make_spec_dict()
+    raw["checkpoint"]["preemption_grace_s"] = 120.5
+    obj = build_rayjob("job-1", spec_from_dict(raw), "team-a", CONFIG)
+    rcs = obj["spec"]["rayClusterSpec"]
+    periods = [rcs["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+               worker_group(obj)["template"]["spec"]["terminationGracePeriodSeconds"]]
+    assert periods == [121 + GRACE_MARGIN_S] * 2
+    # The default 30 s grace must not equal Kubernetes' default 30 s period (a kill mid-commit).
+    default = build_rayjob("job-1", make_spec(), "team-a", CONFIG)
+    assert worker_group(default)["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+
+
+def test_a_kueue_queue_labels_the_rayjob_and_creates_it_suspended(rayjob_schema):
+    config = KubeRayConfig(**{**CONFIG.__dict__, "queue": "team-a-gpus"})
+    obj = validate(rayjob_schema, build_rayjob("job-1", make_spec(gpus=1.0), "team-a", config))
+    assert obj["metadata"]["labels"][KUEUE_QUEUE] == "team-a-gpus"
+    assert obj["spec"]["suspend"] is True  # Kueue unsuspends it when it admits the gang
+    plain = build_rayjob("job-1", make_spec(), "team-a", CONFIG)
+    assert KUEUE_QUEUE not in plain["metadata"]["labels"] and "suspend" not in plain["spec"]
+
+
+def test_every_job_pod_runs_non_root_without_privileges_like_the_servers():
+    chart = yaml.safe_load((REPO / "helm" / "shipyard" / "values.yaml").read_text())["server"]
+    obj = build_rayjob("job-1", make_spec(gpus=1.0), "team-a", CONFIG)
+    rcs = obj["spec"]["rayClusterSpec"]
+    for pod in (rcs["headGroupSpec"]["template"]["spec"], worker_group(obj)["template"]["spec"]):
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        container, = pod["containers"]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        # The same settings as the chart's server pod, except the writable root (Ray's /tmp/ray).
+        for key in ("allowPrivilegeEscalation", "capabilities"):
+            assert container["securityContext"][key] == chart["securityContext"][key]
+        for key in ("runAsNonRoot", "seccompProfile"):
+            assert pod["securityContext"][key] == chart["podSecurityContext"][key]
+
+
 def test_fractional_gpus_still_get_one_device_per_pod():
     res = worker_group(build_rayjob("j", make_spec(gpus=0.5), "t", CONFIG))["template"]["spec"]["containers"][0]["resources"]
     assert res["limits"][GPU] == "1"
@@ -233,6 +287,14 @@ def test_local_paths_are_refused_naming_the_field():
     raw["checkpoint"]["uri"] = "/home/me/ckpt"
     with pytest.raises(SpecError, match=r"checkpoint\.uri: got '/home/me/ckpt'.*s3://"):
         build_rayjob("j", spec_from_dict(raw), "t", CONFIG)
+
+
+def test_a_tenant_namespace_must_be_a_dns_label():
+    config = KubeRayConfig.from_dict({"image": "i", "namespaces": {"team-b": "shipyard-team-b"}})
+    assert build_rayjob("j", make_spec(), "team-b", config)["metadata"]["namespace"] == "shipyard-team-b"
+    assert build_rayjob("j", make_spec(), "team-a", config)["metadata"]["namespace"] == "default"
+    with pytest.raises(ValueError, match="namespaces.team-b: got 'Team_B'; a namespace is a DNS label"):
+        KubeRayConfig.from_dict({"image": "i", "namespaces": {"team-b": "Team_B"}})
 
 
 def test_config_from_dict_rejects_unknown_keys_and_pools():

@@ -57,6 +57,7 @@ async def submit(request: Request, who: Caller,
     spec = intake.submitted_spec(raw, request.headers.get("content-type", ""), admin=who.admin,
                                  max_user_priority=cfg.max_user_priority)
     await routes_packages.require_package(request, who.tenant, spec)
+    _require_placeable(request, spec)
     if cfg.storage is not None:
         intake.check_storage(spec, cfg.storage, await _tenant(request, who.tenant))
     if cfg.preflight:
@@ -69,6 +70,18 @@ async def submit(request: Request, who: Caller,
     if request.app.state.loop is not None:
         request.app.state.loop.wake()
     return Created(id=job.id, state=job.state.value)
+
+
+def _require_placeable(request: Request, spec) -> None:
+    """Refuse (422) a spec the backend could never place (kuberay: a local dataset path, an
+    unknown pool, an image outside the allowlist), so it does not wait in the queue to fail."""
+    check = getattr(request.app.state.backend, "check_spec", None)
+    if check is None:
+        return
+    try:
+        check(spec)
+    except UserError as e:
+        raise ApiError(422, str(e), "spec_unplaceable") from None
 
 
 def _has_own_credentials(request: Request, tenant: str) -> bool:

@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from shipyard.backends.base import BackendError, BackendStatus, Capacity, Handle, State
 from shipyard.backends.kuberay_manifest import (
-    GROUP, JOB_ID, MANAGED_BY, PLURAL, RAYJOB, VERSION, KubeRayConfig, Resources, build_rayjob,
+    GROUP, JOB_ID, KUEUE_QUEUE, MANAGED_BY, PLURAL, RAYJOB, VERSION, KubeRayConfig, Resources, build_rayjob,
     node_allocatable, rayjob_name, rayjob_requests,
 )
 from shipyard.errors import SpecError
@@ -58,6 +58,7 @@ NODES = KubeApi("", "v1", "nodes", "the core v1 Node API", namespaced=False,
 PODS = KubeApi("", "v1", "pods", "the core v1 Pod API", grant="the chart's Role (rbac.create)")
 POD_LOGS = KubeApi("", "v1", "pods/log", "the core v1 Pod API", grant="the chart's Role (rbac.create)")
 
+KUEUE_WAITING = "KueueAdmission"
 PENDING_DEPLOYMENT = ("", "New", "Initializing", "Waiting")
 DONE_DEPLOYMENT = ("Complete", "Failed", "ValidationFailed", "Suspended")
 # Container states that keep a pod from ever running without someone fixing something.
@@ -79,7 +80,15 @@ def map_status(obj: dict[str, Any]) -> BackendStatus:
         return BackendStatus(State.FAILED, reason or dep or "AppFailed", message or "the job failed")
     if job == "STOPPED":
         return BackendStatus(State.STOPPED, reason or "Stopped", message or "the Ray job was stopped")
-    if dep in ("Suspended", "Suspending") or (obj.get("spec") or {}).get("suspend"):
+    suspended = dep in ("Suspended", "Suspending") or (obj.get("spec") or {}).get("suspend")
+    queue = ((obj.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE)
+    if suspended and queue:
+        # Kueue keeps its reason on the job's Workload object, not on the RayJob.
+        ns = (obj.get("metadata") or {}).get("namespace") or ""
+        return BackendStatus(State.PENDING, KUEUE_WAITING,
+                             f"waiting for Kueue admission in queue {queue} (Kueue's reason: "
+                             f"kubectl get workloads -n {ns} -o wide)")
+    if suspended:
         return BackendStatus(State.STOPPED, "Suspended", message or "the RayJob is suspended")
     if job == "RUNNING":
         return BackendStatus(State.RUNNING, reason, message)
@@ -156,6 +165,12 @@ class KubeRayBackend:
 
     # -- Backend -------------------------------------------------------------------------------
 
+    @property
+    def external_queue(self) -> str | None:
+        """The Kueue queue that admits this backend's jobs, if any: the scheduler loop then hands
+        every queued job straight to the backend and leaves capacity and gangs to Kueue."""
+        return self.config.queue
+
     def check_package(self, spec: JobSpec) -> None:
         """SpecError unless this backend can run ``spec``'s code package (the API asks at submit)."""
         if spec.package is not None and (self.packages is None or not self.packages.remote):
@@ -163,6 +178,13 @@ class KubeRayBackend:
             raise SpecError(f"package: the kuberay backend runs code packages from object storage only, and this "
                             f"server's package store is {where}; start the server with --package-store "
                             "s3://bucket/prefix")
+
+    def check_spec(self, spec: JobSpec) -> None:
+        """SpecError unless this backend can place ``spec`` (the API asks at submit, so a job it
+        cannot place is refused there, not failed by the scheduler): object-storage URIs only, a
+        known pool, an allowed image, a code package it can fetch."""
+        self.check_package(spec)
+        build_rayjob("check", spec, "check", self.config)
 
     def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1) -> Handle:
         """One RayJob per job (its name is the job's): a requeued job's next run replaces it."""
@@ -173,8 +195,11 @@ class KubeRayBackend:
             except SpecError as e:
                 raise BackendError(f"job {job_id}: {e}") from None
             package_uri = self.packages.path_or_uri(tenant, spec.package)
-        body = build_rayjob(job_id, spec, tenant, self.config, package_uri=package_uri)
-        ns, name = self.config.namespace, body["metadata"]["name"]
+        try:
+            body = build_rayjob(job_id, spec, tenant, self.config, package_uri=package_uri)
+        except SpecError as e:  # a job queued before the server's config changed: fails its submit
+            raise BackendError(f"job {job_id}: {e}") from None
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
             # Strict: a field the installed CRD does not know fails the submit, naming the field,
             # instead of being dropped silently (the server's default since 1.27 only warns).
@@ -198,7 +223,8 @@ class KubeRayBackend:
                 f"or removed ttlSecondsAfterFinished={self.config.ttl_seconds_after_finished}s after it finished)")
         status = map_status(obj)
         dep = (obj.get("status") or {}).get("jobDeploymentStatus") or ""
-        if status.state is State.PENDING and dep in PENDING_DEPLOYMENT and self._age(obj) > self.config.init_timeout_s:
+        if status.state is State.PENDING and status.reason != KUEUE_WAITING and dep in PENDING_DEPLOYMENT \
+                and self._age(obj) > self.config.init_timeout_s:
             reason, why = self._diagnose(ns, name, obj)
             status = BackendStatus(State.FAILED, reason or "InitializingTimeout",
                                    f"the Ray cluster did not start within {self.config.init_timeout_s}s"
@@ -213,7 +239,8 @@ class KubeRayBackend:
 
     def cancel(self, handle: Handle) -> None:
         ns, name = self._split(handle)
-        if self.config.cancel == "suspend":
+        # A suspended RayJob with a queue label is one Kueue would admit again: delete it.
+        if self.config.cancel == "suspend" and not self.config.queue:
             try:
                 self._custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"suspend": True}},
                                                             _request_timeout=TIMEOUT_S)
@@ -297,12 +324,13 @@ class KubeRayBackend:
                 raise self._error(f"delete RayJob {ns}/{name}", e, RAYJOBS, "delete") from e
 
     def _list_rayjobs(self) -> list[dict[str, Any]]:
-        ns = self.config.namespace
-        try:
-            items = self._custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, label_selector=SELECTOR,
-                                                               _request_timeout=TIMEOUT_S).get("items", [])
-        except ApiException as e:
-            raise self._error(f"list RayJobs in {ns}", e, RAYJOBS, "list") from e
+        items: list[dict[str, Any]] = []
+        for ns in sorted({self.config.namespace, *self.config.namespaces.values()}):  # every tenant's
+            try:
+                items += self._custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, label_selector=SELECTOR,
+                                                                    _request_timeout=TIMEOUT_S).get("items", [])
+            except ApiException as e:
+                raise self._error(f"list RayJobs in {ns}", e, RAYJOBS, "list") from e
         # The API server applies the selector; checking again costs nothing and keeps foreign
         # RayJobs out even behind a proxy or cache that ignores it.
         return [o for o in items if (o.get("metadata", {}).get("labels") or {}).get(MANAGED_BY) == "shipyard"

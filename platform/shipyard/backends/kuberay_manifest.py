@@ -8,6 +8,17 @@ CRD schema without a cluster. Shape of the RayJob:
 - one worker group, ``replicas = workers.count``: one pod per rank, requests = limits =
   ``workers.cpus`` CPU, the worker memory and ``ceil(workers.gpus)`` ``nvidia.com/gpu``
   (a device plugin hands out whole GPUs; a fractional ``workers.gpus`` still gets one per pod);
+- an elastic job (``workers: {min, max}``) gets a worker group of ``minReplicas = replicas =
+  min``, ``maxReplicas = max`` and Ray's in-tree autoscaler (``enableInTreeAutoscaling``): Ray
+  Train's elastic policy asks the autoscaler for ``max`` workers' resources, the autoscaler adds
+  pods as the nodes allow, and the job grows into them (``runtime/elastic.py``);
+- every pod's ``terminationGracePeriodSeconds`` covers ``checkpoint.preemption_grace_s`` plus a
+  margin, so an evicted pod commits its checkpoint before Kubernetes kills it;
+- a tenant listed in the config's ``namespaces`` gets its RayJobs in its own namespace;
+- with ``queue`` in the config (a Kueue LocalQueue), the RayJob is labelled
+  ``kueue.x-k8s.io/queue-name`` and created suspended: Kueue admits it as one gang and
+  unsuspends it (shipyard's scheduler hands such jobs over without its own capacity checks);
+- every pod non-root with no privilege escalation and no capabilities (``POD_SECURITY``);
 - GPU workers go to a node pool (nodeSelector, tolerations, affinity) from the server config;
 - S3 credentials come from a Secret through ``envFrom`` on every container;
 - the job's code: with ``package_uri`` (the uploaded code package in object storage), the
@@ -41,6 +52,18 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 JOB_ID = "shipyard.io/job-id"
 TENANT = "shipyard.io/tenant"
 RAYJOB = "shipyard.io/rayjob"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# Beyond checkpoint.preemption_grace_s (the ranks' time to commit after SIGTERM), a pod needs time
+# for what follows the commit: the driver recording the attempt as preempted, Ray's own shutdown
+# and the container runtime's stop. Kubernetes SIGKILLs at the end of the period, whatever is left.
+GRACE_MARGIN_S = 30
+# Every job pod, as the chart's server pod (helm/shipyard/values.yaml): non-root, no privilege
+# escalation, no capabilities, the runtime's seccomp profile. No runAsUser: the image's numeric
+# USER is kept (the worker image's is 1000); an image whose USER is root or a name fails to start
+# with CreateContainerConfigError, which the Initializing diagnosis reports. The root filesystem
+# stays writable: Ray writes its session under /tmp/ray.
+POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 MAX_NAME = 47  # KubeRay: RayJob names longer than this fail validation (cluster name = name + 6)
 
 
@@ -76,7 +99,12 @@ class KubeRayConfig:
     ttl_seconds_after_finished: int = 3600
     active_deadline_seconds: int | None = None
     init_timeout_s: int = 600                    # Initializing longer than this: FAILED with the reason
-    cancel: Literal["delete", "suspend"] = "delete"
+    cancel: Literal["delete", "suspend"] = "delete"  # with a queue, always delete (Kueue owns suspend)
+    queue: str | None = None                     # a Kueue LocalQueue in the namespace: Kueue admits
+    # Images a spec may name (``image:``); an entry ending in ``*`` is a prefix. Empty: any image.
+    # The server's own ``image`` is always allowed.
+    images: tuple[str, ...] = ()
+    namespaces: dict[str, str] = field(default_factory=dict)  # tenant -> its own namespace; others: namespace
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "KubeRayConfig":
@@ -88,13 +116,24 @@ class KubeRayConfig:
         raw = dict(raw)
         raw["pools"] = {k: NodePool(**v) for k, v in (raw.get("pools") or {}).items()}
         raw["image_pull_secrets"] = tuple(raw.get("image_pull_secrets") or ())
+        raw["images"] = tuple(raw.get("images") or ())
         return cls(**raw)
 
     def __post_init__(self) -> None:
+        for tenant, ns in self.namespaces.items():
+            if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns or ""):
+                raise ValueError(f"kuberay config: namespaces.{tenant}: got {ns!r}; a namespace is a DNS label "
+                                 "(lowercase letters, digits and -, at most 63)")
         for key in ("gpu_pool", "cpu_pool"):
             pool = getattr(self, key)
             if pool and pool not in self.pools:
                 raise ValueError(f"kuberay config: {key} {pool!r} is not in pools {sorted(self.pools)}")
+
+
+def namespace_of(config: KubeRayConfig, tenant: str) -> str:
+    """Where a tenant's RayJobs live: its own namespace when the config gives one, so Kubernetes
+    RBAC, ResourceQuotas and NetworkPolicies can separate tenants."""
+    return config.namespaces.get(tenant, config.namespace)
 
 
 def rayjob_name(job_id: str) -> str:
@@ -123,6 +162,15 @@ def check_spec(spec: JobSpec) -> None:
                             f"use an s3:// URI")
 
 
+def check_image(image: str, config: KubeRayConfig) -> None:
+    """An admin-set allowlist: a spec cannot run an arbitrary image on the cluster's nodes."""
+    allowed = (config.image, *config.images)
+    if not config.images or any(image == a or (a.endswith("*") and image.startswith(a[:-1])) for a in allowed):
+        return
+    raise SpecError(f"image: got {image!r}; this server allows only {', '.join(allowed)} "
+                    f"(leave image out for the default)")
+
+
 def _pool(config: KubeRayConfig, name: str | None) -> NodePool:
     if name is None:
         return NodePool()
@@ -136,15 +184,17 @@ def _cpu(value: float) -> str:
 
 
 def _pod(config: KubeRayConfig, *, name: str, image: str, resources: dict, pool: NodePool,
-         labels: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
+         labels: dict[str, str], env: dict[str, str], grace_s: int) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name, "image": image, "imagePullPolicy": config.image_pull_policy,
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": dict(CONTAINER_SECURITY),
     }
     if config.s3_secret:
         container["envFrom"] = [{"secretRef": {"name": config.s3_secret}}]
-    spec: dict[str, Any] = {"containers": [container]}
+    spec: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": grace_s,
+                            "securityContext": dict(POD_SECURITY)}
     if config.shm_size:
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
         spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}}]
@@ -177,17 +227,19 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig,
     name = rayjob_name(job_id)
     w = spec.workers
     image = getattr(spec, "image", None) or config.image
+    check_image(image, config)
     memory = getattr(w, "memory", None) or config.worker_memory
     gpus = math.ceil(w.gpus)
     pool = _pool(config, getattr(w, "pool", None) or (config.gpu_pool if gpus else config.cpu_pool))
     labels = {MANAGED_BY: "shipyard", JOB_ID: label_value(job_id), TENANT: label_value(tenant)}
     pod_labels = {**labels, RAYJOB: name}
+    grace_s = math.ceil(spec.checkpoint.preemption_grace_s if spec.checkpoint else 0) + GRACE_MARGIN_S
     worker_resources = {"cpu": _cpu(w.cpus), "memory": memory, **({GPU: str(gpus)} if gpus else {})}
     head = _pod(config, name="ray-head", image=image, pool=_pool(config, config.cpu_pool), labels=pod_labels,
                 resources={"cpu": config.head_cpus, "memory": config.head_memory},
-                env={**env, SPEC_ENV: spec_json(spec)})
+                env={**env, SPEC_ENV: spec_json(spec)}, grace_s=grace_s)
     worker = _pod(config, name="ray-worker", image=image, pool=pool, labels=pod_labels,
-                  resources=worker_resources, env=env)
+                  resources=worker_resources, env=env, grace_s=grace_s)
     worker_params = {"num-cpus": str(math.ceil(w.cpus)), **({"num-gpus": str(gpus)} if gpus else {})}
     job_spec: dict[str, Any] = {
         "entrypoint": entrypoint_command(job_id),
@@ -202,18 +254,25 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig,
             "rayVersion": config.ray_version,
             "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"}, "template": head},
             "workerGroupSpecs": [{
-                "groupName": "workers", "replicas": w.count, "minReplicas": w.count, "maxReplicas": w.count,
+                # KubeRay: replicas is the starting size; with the autoscaler on, the autoscaler
+                # owns it within [minReplicas, maxReplicas]. An elastic job starts at min.
+                "groupName": "workers", "replicas": w.fewest, "minReplicas": w.fewest, "maxReplicas": w.count,
                 "rayStartParams": worker_params, "template": worker,
             }],
         },
     }
+    if w.elastic:
+        job_spec["rayClusterSpec"]["enableInTreeAutoscaling"] = True
+    if config.queue:
+        labels[KUEUE_QUEUE] = config.queue
+        job_spec["suspend"] = True  # Kueue unsuspends it once the whole gang is admitted
     if config.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = config.active_deadline_seconds
     if package_uri is not None:
         job_spec["runtimeEnvYAML"] = yaml.safe_dump({"working_dir": package_uri}, sort_keys=True)
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
-        "metadata": {"name": name, "namespace": config.namespace, "labels": labels,
+        "metadata": {"name": name, "namespace": namespace_of(config, tenant), "labels": labels,
                      "annotations": {JOB_ID: job_id, TENANT: tenant}},
         "spec": job_spec,
     }

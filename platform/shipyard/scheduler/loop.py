@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from shipyard.backends.base import Backend, BackendError, State
 from shipyard.run.records import AttemptKind, RunOutcome
-from shipyard.scheduler.decide import Decisions, Policy, decide
+from shipyard.scheduler.decide import Admission, Decisions, Policy, decide
 from shipyard.scheduler.leader import RETRY_S as LEADER_RETRY_S, Leadership, Sole
 from shipyard.scheduler.snapshot import Holding, JobRequest, Node, Quota, Resources, RunningJob, Snapshot
 from shipyard.store import Attempt, Job, JobState, Store
@@ -98,6 +98,7 @@ class SchedulerLoop:
         self.interval_s, self.policy, self.max_requeues = interval_s, policy, max_requeues
         self.on_tick = on_tick
         self.reasons: dict[str, str] = {}  # waiting jobs -> why (shown by the API)
+        self._held: dict[str, str] = {}  # submitted jobs the backend reports PENDING -> its message
         self._submit_failures: dict[str, tuple[float, float]] = {}  # job -> (first, last) failure
         self._first_seen: dict[str, float] = {}  # run handle -> when snapshot first saw it RUNNING
         self._wake = threading.Event()
@@ -139,7 +140,11 @@ class SchedulerLoop:
 
     def tick(self) -> Decisions:
         self.poll()
-        decisions = decide(self.snapshot(), self.policy)
+        queue = getattr(self.backend, "external_queue", None)  # Kueue admits for the kuberay backend
+        if isinstance(queue, str) and queue:
+            decisions = self._hand_over(queue)
+        else:
+            decisions = decide(self.snapshot(), self.policy)
         self.apply(decisions)
         return decisions
 
@@ -166,6 +171,14 @@ class SchedulerLoop:
                                   Resources(c.cpus, c.gpus, c.memory), queued=queued, running=running, quotas=quotas,
                                   tenant_priority=ranks)
 
+    def _hand_over(self, queue: str) -> Decisions:
+        """With an external queue (Kueue) as the authority, every queued job is submitted at once,
+        in submission order: Kueue applies its quotas, admits whole gangs and preempts; shipyard's
+        own capacity, quota and gang checks would only second-guess it with a partial view."""
+        jobs = sorted((j for j in self.store.active_jobs() if j.state is S.QUEUED), key=lambda j: (j.submitted_at, j.seq))
+        return Decisions(admit=[Admission(j.id, {}) for j in jobs],
+                         reasons={j.id: f"handed to Kueue queue {queue}" for j in jobs})
+
     def _starting(self, running: list[Job]) -> set[str]:
         """RUNNING jobs whose run has reported no attempt yet: the backend says the driver runs
         (Ray's RUNNING), but its workers may still be waiting for resources, invisible in the
@@ -179,13 +192,15 @@ class SchedulerLoop:
                 if j.backend_handle not in started and now - seen[j.backend_handle] < STARTING_MAX_S}
 
     def apply(self, d: Decisions) -> None:
-        self.reasons = dict(d.reasons)
+        # A submitted job the backend still holds back (Kueue has not admitted it) says why too.
+        self.reasons = {**self._held, **d.reasons}
         for victim in d.preempt:  # only the head preempts (decide.py)
             self._preempt(victim, d.reasons.get(victim, "preempted"), d.head)
         for a in d.admit:
             try:
+                where = ', '.join(f'{n}x{k}' for n, k in a.placement.items())
                 self.store.transition(a.job_id, S.QUEUED, S.ADMITTED,
-                                      message=f"placed on {', '.join(f'{n}x{k}' for n, k in a.placement.items())}")
+                                      message=f"placed on {where}" if where else d.reasons.get(a.job_id))
             except IllegalTransition:
                 continue  # cancelled meanwhile
             self._submit(self.store.get_job(a.job_id))
@@ -236,6 +251,7 @@ class SchedulerLoop:
     # -- polling runs ---------------------------------------------------------------------------
 
     def poll(self) -> None:
+        self._held = {}
         for job in self.store.active_jobs():
             if job.state not in POLLED:
                 continue
@@ -255,6 +271,8 @@ class SchedulerLoop:
     def _follow(self, job: Job, status) -> None:
         st = status.state
         if st is State.PENDING:
+            if status.message and job.state is S.ADMITTED:
+                self._held[job.id] = status.message
             return
         if st is State.RUNNING:
             if job.state is S.ADMITTED:

@@ -92,6 +92,11 @@ def run(
         except UserError as e:
             session.finish(False, str(e), user_error=True)
             raise
+        except report.Interrupted as e:  # a user's own run, stopped by Ctrl-C/SIGTERM: saved what it could
+            console.print(f"[yellow]■[/yellow] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:  # a second Ctrl-C (or one before Ray started): nothing waited for
+            raise typer.Exit(130) from None
         except BaseException as e:
             session.finish(False, f"{type(e).__name__}: {e}")
             raise

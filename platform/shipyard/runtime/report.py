@@ -22,6 +22,12 @@ notice (the checkpoint is committed), or ``preemption_grace_s`` has passed, the 
 status 143, as SIGTERM would have made it. A spec without a checkpoint has nothing to save: the
 driver exits at once.
 
+A user's own ``shipyard run`` (no server) handles the same two signals the same way: Ctrl-C
+(SIGINT) or SIGTERM asks the workers to checkpoint at their next step; once that checkpoint is
+committed (or there is nothing to save, or the grace period is over) the launcher's main thread
+raises :class:`Interrupted`, so a private Ray is shut down on the way out, and the CLI exits 130
+(SIGINT) or 143. A second Ctrl-C exits at once, without waiting for the checkpoint.
+
 Outcome: the last report carries how the run ended as a :class:`~shipyard.run.records.RunOutcome`,
 decided here from what the driver saw (:func:`shipyard.run.decide.outcome_of`), so that the server
 never has to infer it from attempts or text. Reports are :class:`~shipyard.run.records.DriverReport`
@@ -52,6 +58,15 @@ MAX_BUFFERED_POINTS = 2000
 EXIT_PREEMPTED = 128 + signal.SIGTERM
 
 
+class Interrupted(Exception):
+    """A user's own run was stopped by a signal (Ctrl-C, SIGTERM): raised in the launcher's main
+    thread once the stop is done. ``exit_code`` is 128 + the signal; ``message`` says what was saved."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def known_step(snap: RunSnapshot) -> int | None:
     """The step to report: None until rank 0 has pushed once (after its restore). A new run's
     board starts at step 0, and a requeued or resumed job must keep showing the step it had
@@ -74,6 +89,9 @@ class Session:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.notice_at: float | None = None
+        self.signal_name = "SIGTERM"  # the first stop signal's (SIGINT: Ctrl-C, Ray's stop_job)
+        self._exit_code = EXIT_PREEMPTED
+        self._interrupted: str | None = None  # a local run's stop is done: the main thread raises this
         self._warned = False
         self._refused = False  # the server refused our reports for good (4xx): stop sending
         self._armed_after_init = False
@@ -91,14 +109,17 @@ class Session:
 
     def update(self, snapshot: RunSnapshot) -> None:
         """Called by the launcher with each board snapshot (on the driver's main thread)."""
-        if not self.active:
-            return
         if not self._armed_after_init:
             # Here too, not only before launch(): ray.init installs Ray's own C++ SIGTERM handler
             # in the driver (it logs "SIGTERM received" and exits), replacing any set earlier. The
             # launcher calls back on the main thread, after ray.init.
             self.install_stop_handler()
             self._armed_after_init = True
+        if not self.active:
+            self._latest = snapshot  # one reference, read by the stop thread
+            if self.notice_at is not None:
+                self._exit_if_stopped(snapshot)
+            return
         with self._lock:
             self._latest = snapshot
             # A diverged loss is NaN or inf, which JSON cannot carry: sent as null (a gap in the chart).
@@ -192,18 +213,24 @@ class Session:
     # -- stop requests ---------------------------------------------------------------------------
 
     def install_stop_handler(self) -> None:
-        """SIGTERM to the driver -> SIGTERM to the workers -> checkpoint -> exit 143."""
-        if not self.active or threading.current_thread() is not threading.main_thread():
+        """SIGTERM or SIGINT to the driver -> SIGTERM to the workers -> checkpoint -> exit."""
+        if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self._on_sigterm())
+            signal.signal(sig, lambda signum, frame: self._on_sigterm(signum))
 
-    def _on_sigterm(self) -> threading.Thread | None:
+    def _on_sigterm(self, signum: int = signal.SIGTERM) -> threading.Thread | None:
         """The signal handler: note the time and hand the rest to a thread. It may interrupt the
-        main thread anywhere (inside a print, holding a lock), so it takes no lock and writes nothing."""
+        main thread anywhere (inside a print, holding a lock), so it takes no lock and prints nothing.
+        A second signal is ignored by a submitted run (its backend kills it when it must); a
+        user's own run leaves at once (KeyboardInterrupt: the launcher still shuts its Ray down)."""
         if self.notice_at is not None:
+            if not self.active:
+                os.write(2, b"interrupted again: exiting without waiting for the checkpoint\n")
+                raise KeyboardInterrupt
             return None
         self.notice_at = time.time()
+        self.signal_name, self._exit_code = signal.Signals(signum).name, 128 + signum
         thread = threading.Thread(target=self._handle_stop, name="shipyard-stop", daemon=True)
         thread.start()
         return thread
@@ -213,41 +240,105 @@ class Session:
             print("stop requested, but training has already finished: reporting it", flush=True)
             return  # the launcher is returning: the CLI reports the run FINISHED and exits
         if self.spec.checkpoint is None:
-            self.finish(False, "stopped (SIGTERM); the spec has no checkpoint section, so nothing was saved",
-                        kind=RunOutcome.STOPPED)
-            os._exit(EXIT_PREEMPTED)
-        print(f"stop requested (SIGTERM): workers checkpoint, then the job exits "
-              f"(grace period {self.spec.checkpoint.preemption_grace_s:g}s)", flush=True)
+            self._end(f"stopped ({self.signal_name}); the spec has no checkpoint section, so nothing was saved")
+            return
+        grace = self.spec.checkpoint.preemption_grace_s
+        if self.active:
+            print(f"stop requested ({self.signal_name}): workers checkpoint, then the job exits "
+                  f"(grace period {grace:g}s)", flush=True)
+        else:
+            print(f"interrupted ({self.signal_name}): the workers checkpoint at their next step, then the run exits "
+                  f"(at most {grace:g}s; Ctrl-C again exits now, without the checkpoint)", flush=True)
         self._forward()
 
     def _forward(self) -> None:
         try:
-            n = signal_workers()
+            n = signal_workers(processes=self._latest.processes)
             print(f"stop: SIGTERM sent to {n} worker process{'es' * (n != 1)}", flush=True)
             if n == 0 and self._latest.trained_to_end():  # the workers are gone because training ended
                 return
             if n == 0:  # training has not started: nothing to save
-                self.finish(False, "stopped before training started", kind=RunOutcome.STOPPED)
-                os._exit(EXIT_PREEMPTED)
+                self._end("stopped before training started")
+                return
         except Exception as e:  # noqa: BLE001 - the grace timer below still ends the run
             print(f"stop: could not signal the workers ({e}); exiting after the grace period", flush=True)
         assert self.spec.checkpoint is not None
         deadline = time.time() + self.spec.checkpoint.preemption_grace_s + 5
-        while time.time() < deadline:
+        while time.time() < deadline and self._interrupted is None:
             time.sleep(1)
-        self.finish(False, "stopped: no checkpoint was committed within the grace period", kind=RunOutcome.STOPPED)
-        os._exit(EXIT_PREEMPTED)
+        if self._interrupted is None:
+            self._end("stopped: no checkpoint was committed within the grace period")
+
+    def _end(self, message: str) -> None:
+        """End a stopped run from the stop thread: a submitted one reports and exits here; a
+        user's own one is ended by the main thread at its next progress callback (a private
+        Ray is shut down on the way)."""
+        if self.active:
+            self.finish(False, message, kind=RunOutcome.STOPPED)
+            os._exit(self._exit_code)
+        self._interrupted = message
 
     def _exit_if_stopped(self, snapshot: RunSnapshot) -> None:
-        if any(a.kind is AttemptKind.PREEMPTED and (a.end or 0) >= self.notice_at for a in snapshot.attempts):
+        committed = any(a.kind is AttemptKind.PREEMPTED and (a.end or 0) >= self.notice_at for a in snapshot.attempts)
+        if not self.active:
+            if committed:
+                raise Interrupted(f"interrupted at step {snapshot.step}: checkpoint committed ({snapshot.checkpoint}); "
+                                  "run the job again to resume from it", self._exit_code)
+            if self._interrupted is not None:
+                raise Interrupted(self._interrupted, self._exit_code)
+            return
+        if committed:
             print(f"stop: checkpoint committed ({snapshot.checkpoint}); exiting", flush=True)
             self.finish(False, "preempted: checkpoint committed", kind=RunOutcome.PREEMPTED)
             os._exit(EXIT_PREEMPTED)
 
 
-def signal_workers(sig: int = signal.SIGTERM) -> int:
-    """Send ``sig`` to every alive training worker actor of this driver's Ray job, on whatever
-    node it runs (a zero-CPU task pinned to each remote node sends it there). Returns how many."""
+def signal_workers(sig: int = signal.SIGTERM, processes=()) -> int:
+    """Send ``sig`` to every alive training worker of this driver's Ray job, on whatever node it
+    runs (a zero-CPU task pinned to each remote node sends it there). Returns how many.
+
+    The workers are the processes the ranks registered on the board (``processes``:
+    :class:`~shipyard.run.records.RankProcess`). Before any has registered, Ray's State API
+    lists the job's worker actors. (A terminal's Ctrl-C reaches every process of its group, the
+    dashboard that serves the State API of a Ray that ``shipyard run`` started among them: after
+    it, that API does not answer.)"""
+    if processes:
+        return signal_processes(processes, sig)
+    return _signal_actors(sig)
+
+
+def signal_processes(processes, sig: int) -> int:
+    """Send ``sig`` to those of ``processes`` (RankProcess records) still alive, each on its node;
+    returns how many were signalled. A pid is signalled only if its process started before the
+    rank registered it (a dead rank's pid reused by a newer process is left alone)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.util.get_node_ip_address()
+    sent = sum(_signal_if_same(p.pid, p.started, sig) for p in processes if p.node_ip == here)
+    remote = [p for p in processes if p.node_ip != here]
+    if remote:
+        nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        task = ray.remote(num_cpus=0, max_retries=0)(_signal_if_same)
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[p.node_ip], soft=False)).remote(
+                    p.pid, p.started, sig) for p in remote if p.node_ip in nodes]
+        sent += sum(ray.get(refs, timeout=30))
+    return sent
+
+
+def _signal_if_same(pid: int, registered: float, sig: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        if start_ticks / os.sysconf("SC_CLK_TCK") > registered + 1.0:
+            return False  # a newer process under a dead rank's pid
+        os.kill(pid, sig)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _signal_actors(sig: int) -> int:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from ray.util.state import list_actors
@@ -283,7 +374,8 @@ def session(spec: JobSpec, env: dict[str, str] | None = None) -> Iterator[Sessio
     env = dict(os.environ if env is None else env)
     s = Session(spec, env.get("SHIPYARD_REPORT_URL") or None, env.get("SHIPYARD_REPORT_TOKEN"),
                 env.get("SHIPYARD_SUBMISSION"))
-    s.install_stop_handler()
+    if s.active:  # a user's own run arms it after ray.init (first progress callback): before, Ctrl-C just quits
+        s.install_stop_handler()
     s.start()
     yield s
 

@@ -176,6 +176,14 @@ Strategy = (DDPStrategy | HorovodStrategy | FSDPStrategy | TensorStrategy | Pipe
             | CustomStrategy)
 
 
+class ColumnSpec(_Model):
+    """How one dataset column reaches the batch: its tensor dtype and its batch key."""
+
+    dtype: Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"] | None = Field(
+        None, description="cast the column's tensor to this dtype; null keeps the default rule")
+    rename: str | None = Field(None, min_length=1, max_length=256, description="the batch key for this column; default its name")
+
+
 class Dataset(_Model):
     uri: str = Field(max_length=_URI, description="directory holding a shard manifest, written by `shipyard data shard`")
     eval_uri: str | None = Field(None, max_length=_URI, description="optional held-out dataset for ctx.eval_batches()")
@@ -184,6 +192,29 @@ class Dataset(_Model):
     shuffle: bool = Field(True, description="shuffle the shard order and the rows in each shard, anew each epoch; false reads in file order")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="shuffle seed; the order is a pure function of (seed, epoch, world)")
     epochs: int = Field(1, ge=1, le=1_000_000, description="passes over the dataset; the job's total steps are its batches per epoch times this")
+    columns: dict[str, ColumnSpec] | None = Field(
+        None, max_length=1024,
+        description="when set, only these columns are read and yielded, each cast to its `dtype` (float32, "
+                    "float64, float16, bfloat16, int64, int32, int16, int8, uint8, bool) and keyed by its `rename`; "
+                    "a column the dataset lacks fails before training. Default: every column, as Arrow's type maps to torch (float64 -> torch.float64, "
+                    "float32 -> float32, int64 -> int64, bool -> bool, fixed-size lists -> 2-D tensors of the "
+                    "element type), and a run logs once which columns arrive as float64; e.g. `{x: {dtype: float32}}` "
+                    "to train on float32")
+
+    @field_validator("columns")
+    @classmethod
+    def _column_names(cls, v: dict | None) -> dict | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("is empty; list at least one column, or leave dataset.columns out to read every column")
+        for name in v:
+            if not 1 <= len(name) <= 256:
+                raise ValueError(f"column name {name[:40]!r}... must be 1 to 256 characters")
+        keys = [c.rename or n for n, c in v.items()]
+        if dup := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ValueError(f"two columns share the batch key {dup[0]!r}; give each a distinct rename")
+        return v
 
 
 class Checkpoint(_Model):

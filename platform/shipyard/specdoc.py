@@ -125,6 +125,8 @@ def _scalar(ann: Any) -> str:
         return f"mapping of {_scalar(key)} to {_scalar(value)}"
     if origin is list:
         return f"list of {_scalar(get_args(ann)[0])}"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):  # e.g. dataset.columns' values
+        return "{" + ", ".join(f"`{name}`" for name in ann.model_fields) + "}"
     return _SCALARS[ann]
 
 
@@ -152,7 +154,7 @@ def _allowed(field: FieldInfo) -> str:
         elif isinstance(m, (Le, Lt)):
             hi = ("at most", m.le) if isinstance(m, Le) else ("less than", m.lt)
         elif isinstance(m, MaxLen):
-            unit = "entries" if get_origin(ann) is dict else "characters"
+            unit = "entries" if any(get_origin(a) is dict for a in args) else "characters"
             parts.append(f"at most {m.max_length} {unit}")
         elif getattr(m, "pattern", None):
             parts.append(f"matches `{m.pattern}`")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from shipyard.data.columns import Columns, float64_columns, note_float64
 from shipyard.data.gather import Piece, Rows, batch_table, fixed_width, gather_batch, read_bytes, to_torch
 from shipyard.data.manifest import Manifest, decode_shard, read_manifest
 from shipyard.data.prefetch import Ahead, wait
@@ -154,7 +155,7 @@ class ShardStream:
     def __init__(self, dataset: str | Manifest, *, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle: bool = True, epochs: int = 1, drop_remainder: bool = True,
                  collate: Callable[[pa.Table], object] = to_torch, prefetch: int = 2, ready_batches: int = 4,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, columns: dict | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if ready_batches < 0:
@@ -169,7 +170,11 @@ class ShardStream:
         self.epoch = 0
         self.consumed = 0  # rows of this rank's share handed out in the current epoch
         self._rows = [s.rows for s in self.manifest.shards]
-        self._names = self.manifest.schema.names
+        # columns (dataset.columns): read only these, cast and rename them; checked here, before training
+        self.columns = Columns(columns, self.manifest.schema) if columns else None
+        self._names = self.columns.names if self.columns else self.manifest.schema.names
+        if rank == 0:  # one line per run, not one per rank
+            note_float64(str(getattr(dataset, "uri", dataset)), float64_columns(self.manifest.schema, self.columns))
         self._owned: list[Interval] | None = None  # None: the fresh layout of the epoch
         self._steps = 0
         self._ahead: Ahead | None = None
@@ -253,6 +258,8 @@ class ShardStream:
             raise DataError(f"{uri}: shard schema differs from the manifest's:\n  {table.schema}\n  vs\n  {self.manifest.schema}")
         if table.num_rows != self._rows[seg.shard]:
             raise DataError(f"{uri}: shard has {table.num_rows} rows, manifest says {self._rows[seg.shard]}")
+        if self.columns:
+            table = table.select(self._names)  # projection: the other columns are never gathered
         columns = fixed_width(table, ours) if self.collate is to_torch else {}
         order = row_order(table.num_rows, self.seed, epoch, seg.shard, self.shuffle)
         return Rows(table, order, seg.lo, seg.hi - seg.lo, columns)
@@ -325,6 +332,8 @@ class ShardStream:
             consumed += n
             if self.collate is to_torch:
                 made = gather_batch(pieces, self._names, pin=device is not None)
+                if self.columns:
+                    made = self.columns.apply(made)
             else:
                 made = self.collate(batch_table(pieces))
             return made, Position(epoch, consumed, owned, steps)

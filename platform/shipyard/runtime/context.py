@@ -77,7 +77,8 @@ class TrainContext:
         self._dp_group = None  # buffers are synced over it (parallel/buffers.py); None: the world
         self._stream = ShardStream(
             spec.dataset.uri, batch_size=spec.dataset.batch_size, rank=self.dp_rank, world=self.dp_world,
-            seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs)
+            seed=spec.dataset.seed, shuffle=spec.dataset.shuffle, epochs=spec.dataset.epochs,
+            columns=spec.dataset.columns)
         # Built-in metrics (runtime/meter.py) and, with metrics.tensorboard, rank 0's event files:
         # both fed from local numbers only, sent with the throttled push.
         self._tb_wanted = spec.metrics.tensorboard and rank == 0 and board is not None
@@ -272,7 +273,8 @@ class TrainContext:
             raise UserError("ctx.eval_batches(): dataset.eval_uri is not set in the job spec")
         self.sync_buffers()
         stream = ShardStream(uri, batch_size=batch_size or self.spec.dataset.batch_size, rank=self.dp_rank,
-                             world=self.dp_world, shuffle=False, drop_remainder=False)
+                             world=self.dp_world, shuffle=False, drop_remainder=False,
+                             columns=self.spec.dataset.columns)
         return (_to_device(batch, self.device) for batch in stream)
 
     def sync_buffers(self) -> None:

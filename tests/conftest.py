@@ -26,6 +26,22 @@ RAY_CPUS = 4  # logical CPUs; Ray resources are not pinned to cores
 EXE = str(Path(sys.executable).parent / "shipyard")
 
 
+def job_module(job: str, name: str = "model"):
+    """``jobs/<job>/<name>.py`` loaded under a name of its own. Several jobs have a model.py, so a
+    plain ``import model`` would hand every test module the first one imported. The job's
+    directory also goes first on sys.path, for its train.py's own ``from model import ...`` in the
+    worker processes a test spawns (fresh interpreters, where no other model.py was imported)."""
+    import importlib.util
+
+    path = REPO / "jobs" / job / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"jobs_{job}_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before running it: dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

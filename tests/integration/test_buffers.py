@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, job_module
 
 pytestmark = pytest.mark.integration
-sys.path.insert(0, str(REPO / "jobs" / "cnn"))
-from model import ResNet  # noqa: E402
+_model = job_module("cnn")
+ResNet = _model.ResNet
 
 CNN = {"width": 8, "blocks": 2, "lr": 0.003}
 BATCH = 16  # rows per rank

@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, job_module
 
 pytestmark = pytest.mark.integration
 JOB = str(REPO / "jobs" / "lm" / "job.yaml")
-sys.path.insert(0, str(REPO / "jobs" / "lm"))
-from model import LM, LMConfig, next_token_loss  # noqa: E402
+_model = job_module("lm")
+LM, LMConfig, next_token_loss = _model.LM, _model.LMConfig, _model.next_token_loss
 
 LOSS_ATOL = 1e-4
 MODEL = {"context": 32, "dim": 64, "layers": 4, "heads": 4, "lr": 1e-3, "max_grad_norm": 1.0, "weight_decay": 0.0}

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, job_module
 
 pytestmark = pytest.mark.integration
-sys.path.insert(0, str(REPO / "jobs" / "rnn"))
-from model import CharLSTM, next_token_loss  # noqa: E402
+_model = job_module("rnn")
+CharLSTM, next_token_loss = _model.CharLSTM, _model.next_token_loss
 
 MODEL = {"dim": 32, "hidden": 64, "layers": 2, "lr": 0.003, "max_grad_norm": 1.0}
 CONTEXT, BATCH, ROWS = 32, 4, 160  # 4 rows per rank: 20 steps

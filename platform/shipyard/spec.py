@@ -101,6 +101,13 @@ class Workers(_Model):
         return int(float(m["n"]) * _UNITS[m["unit"]])
 
 
+def _blocks_field():
+    return Field(None, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
+                 description="dotted path to the model's repeated blocks (FSDP and activation-checkpoint units: a "
+                             "ModuleList/ModuleDict/Sequential, e.g. model.layers); default: found automatically "
+                             "(model.layers, a Hugging Face model's _no_split_modules layers, layer1..layerN)")
+
+
 class DDPStrategy(_Model):
     """Data parallel: every rank holds the whole model, gradients are averaged (PyTorch DDP)."""
 
@@ -126,6 +133,7 @@ class FSDPStrategy(_Model):
     mixed_precision: Literal["bf16", "none"] = Field("bf16", description="compute dtype on GPU "
                                                      "(gradients reduced in fp32); CPU always runs fp32")
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+    blocks: str | None = _blocks_field()
 
 
 class TensorStrategy(_Model):
@@ -135,6 +143,7 @@ class TensorStrategy(_Model):
     kind: Literal["tensor"] = "tensor"
     tp: int = Field(2, ge=1, le=4096, description="workers that split each layer; workers.count must be a multiple")
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+    blocks: str | None = _blocks_field()
 
 
 class PipelineStrategy(_Model):
@@ -146,6 +155,7 @@ class PipelineStrategy(_Model):
     microbatches: int = Field(4, ge=1, le=4096, description="microbatches per batch; must divide dataset.batch_size")
     schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="1f1b (less activation memory) or gpipe")
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+    blocks: str | None = _blocks_field()
 
 
 class HybridStrategy(_Model):
@@ -156,6 +166,7 @@ class HybridStrategy(_Model):
     dp_shard: int | None = Field(None, ge=1, le=4096, description="FSDP degree (outer); default workers.count / tp")
     mixed_precision: Literal["bf16", "none"] = Field("bf16", description="compute dtype on GPU; CPU always runs fp32")
     activation_checkpoint: bool = Field(False, description="recompute each block's activations in backward")
+    blocks: str | None = _blocks_field()
 
 
 class CustomStrategy(_Model):

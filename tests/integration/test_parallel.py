@@ -63,20 +63,22 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("lm"), ROWS)
 
 
-def reference_losses(data: Path, dp: int, epochs: int) -> list[float]:
-    """One process, no torch.distributed: the job's model and optimizer on the rows each step's
-    data-parallel ranks read together (ShardStream with the same rank/world arithmetic)."""
+def reference_losses(data: Path, dp: int, epochs: int, build=lambda cfg: LM(LMConfig.from_dict(cfg)),
+                     loss_fn=next_token_loss) -> list[float]:
+    """One process, no torch.distributed: the job's model (``build(MODEL)``, jobs/lm's by default)
+    and optimizer on the rows each step's data-parallel ranks read together (ShardStream with
+    the same rank/world arithmetic)."""
     from shipyard.data import ShardStream
 
     torch.manual_seed(0)
-    model = LM(LMConfig.from_dict(MODEL))
+    model = build(MODEL)
     opt = torch.optim.AdamW(model.parameters(), lr=MODEL["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     streams = [ShardStream(str(data), batch_size=GLOBAL_BATCH // dp, rank=r, world=dp, epochs=epochs)
                for r in range(dp)]
     losses = []
     for parts in zip(*streams):
         tokens = torch.cat([p["tokens"] for p in parts]).long()
-        loss = next_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss = loss_fn(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MODEL["max_grad_norm"])
         opt.step()

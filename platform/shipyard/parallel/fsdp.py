@@ -1,9 +1,10 @@
 """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the dp mesh.
 
-Each block of ``model.layers`` is its own FSDP unit, then the root (embedding, final norm, head):
-a unit's parameters are all-gathered just before its forward and freed after it, so at any time
-a rank holds its ``1/dp`` shard of everything plus one block in full. The last block is not
-resharded after forward: backward needs it at once, so freeing it would only cost an all-gather.
+Each repeated block (``model.layers``, a Hugging Face model's decoder layers, ...: see
+``model.py``) is its own FSDP unit, then the root (embedding, final norm, head): a unit's
+parameters are all-gathered just before its forward and freed after it, so at any time a rank holds
+its ``1/dp`` shard of everything plus one block in full. The last block is not resharded after
+forward: backward needs it at once, so freeing it would only cost an all-gather.
 
 bf16 compute (``MixedPrecisionPolicy``: bf16 parameters for compute, fp32 gradient reduction,
 fp32 master weights in the optimizer) is used on GPU only: CPU bf16 matmuls are slow and gloo
@@ -31,10 +32,10 @@ def mp_policy(strategy, device: torch.device) -> MixedPrecisionPolicy:
 
 
 def shard(model: torch.nn.Module, dp_mesh, *, reshard_after_forward: bool = True,
-          policy: MixedPrecisionPolicy | None = None) -> torch.nn.Module:
+          policy: MixedPrecisionPolicy | None = None, strategy=None) -> torch.nn.Module:
     """``fully_shard`` each block, then the root, over ``dp_mesh`` (1-D)."""
     policy = policy or MixedPrecisionPolicy()
-    units = blocks(model)
+    units = blocks(model, strategy)
     for i, (_, block) in enumerate(units):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy,
                     reshard_after_forward=reshard_after_forward and i < len(units) - 1)
@@ -48,8 +49,9 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, optimizer_fn: Calla
     mesh = device_mesh(dims, device)
     model = model.to(device)
     if strategy.activation_checkpoint:
-        apply_activation_checkpoint(model)
-    shard(model, mesh["dp"], reshard_after_forward=strategy.reshard_after_forward, policy=mp_policy(strategy, device))
+        apply_activation_checkpoint(model, strategy)
+    shard(model, mesh["dp"], reshard_after_forward=strategy.reshard_after_forward, policy=mp_policy(strategy, device),
+          strategy=strategy)
     return model, optimizer_fn(model.parameters())
 
 
@@ -68,6 +70,6 @@ def apply_hybrid(model: torch.nn.Module, device: torch.device, optimizer_fn: Cal
     model = model.to(device)
     parallelize(model, mesh["tp"])
     if strategy.activation_checkpoint:
-        apply_activation_checkpoint(model)
-    shard(model, mesh["dp"], policy=mp_policy(strategy, device))
+        apply_activation_checkpoint(model, strategy)
+    shard(model, mesh["dp"], policy=mp_policy(strategy, device), strategy=strategy)
     return model, optimizer_fn(model.parameters())

@@ -1,38 +1,154 @@
-"""What the model-parallel strategies ask of a model (all optional until a strategy needs it).
+"""What the model-parallel strategies ask of a model, and what they find in it by themselves.
 
-- ``model.layers``: a ``ModuleDict``/``ModuleList``/``Sequential`` of the repeated blocks. FSDP
-  shards each block as its own unit (one all-gather per block, freed after use) and activation
-  checkpointing wraps each block. Without it FSDP shards the model as one unit.
-- ``model.tp_plan() -> {fqn pattern: ParallelStyle}``: how tensor parallelism splits the model
-  (``parallelize_module``'s plan; ``*`` matches one name, e.g. ``layers.*.attn.wq``).
-- ``model.pipeline_split_points: list[str]``: the FQNs before which a pipeline stage may begin, in
-  forward order (e.g. ``["layers.1", "layers.2", "layers.3"]``). The model's forward must skip a
-  top-level module that is ``None`` and iterate over whatever ``layers`` still holds, so that a
-  stage is the same class with the other stages' modules removed (its FQNs, and so its
-  checkpoint keys, stay the full model's).
+Repeated blocks (:func:`blocks`): FSDP shards each block as its own unit (one all-gather per
+block, freed after use) and activation checkpointing wraps each block. They are found, first
+match wins:
+
+1. ``strategy.blocks``: a dotted path to a ``ModuleList``/``ModuleDict``/``Sequential``
+   (e.g. ``model.layers``); a path that resolves to anything else is a UserError;
+2. ``model.layers`` (shipyard's own convention, jobs/lm; torchtitan's ``ModuleDict``);
+3. Hugging Face: the ``ModuleList``/``ModuleDict`` whose children are of a class named in some
+   module's ``_no_split_modules`` (transformers' name for its repeated block class):
+   ``model.layers`` under ``LlamaForCausalLM``, ``transformer.h`` (GPT-2),
+   ``bert.encoder.layer`` (BERT);
+4. torchvision style: top-level children ``layer1`` .. ``layerN`` (ResNet's stages);
+5. the ``ModuleList``/``ModuleDict`` of identically-typed modules holding the most parameters.
+
+With none, a warning (once per model class) says so, and FSDP shards the model as one unit.
+
+Tensor parallelism (:func:`tp_plan`): ``model.tp_plan() -> {fqn pattern: ParallelStyle}``
+(``parallelize_module``'s plan; ``*`` matches one name, e.g. ``layers.*.attn.wq``); or, for a
+Hugging Face model, its own plan (``model._tp_plan``, which transformers merges from
+``config.base_model_tp_plan`` under ``base_model_prefix`` and the head's ``_tp_plan``), translated
+style by style: ``colwise``/``rowwise`` to ``ColwiseParallel``/``RowwiseParallel``,
+``embedding_rowwise`` (the token embedding split by vocabulary rows) and
+``colwise_gather_output`` (``lm_head``, logits gathered whole) to the same styles with replicated
+inputs/outputs. HF's attention reshapes with ``view(..., -1, head_dim)``, so a rank's local heads
+need no change to the model; any other style is a UserError.
+
+Pipelines: ``model.pipeline_split_points: list[str]``: the FQNs before which a pipeline stage may
+begin, in forward order (e.g. ``["layers.1", "layers.2", "layers.3"]``). The model's forward must
+skip a top-level module that is ``None`` and iterate over whatever ``layers`` still holds, so that
+a stage is the same class with the other stages' modules removed (its FQNs, and so its checkpoint
+keys, stay the full model's). Nothing is found automatically here.
 """
 
 from __future__ import annotations
+
+import logging
+import re
 
 from torch import nn
 
 from shipyard.errors import UserError
 
+log = logging.getLogger(__name__)
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+_warned: set[str] = set()
 
-def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, block)`` for each entry of ``model.layers`` (empty when there is none)."""
+
+def blocks(model: nn.Module, strategy=None) -> list[tuple[str, nn.Module]]:
+    """``(fqn, block)`` for each repeated block of ``model``, found as the module docstring says."""
+    path = getattr(strategy, "blocks", None)
+    if path:
+        return _children(path, _resolve(model, path))
     layers = getattr(model, "layers", None)
     if isinstance(layers, nn.Module):
-        return list(layers.named_children())
+        return _children("layers", layers)
+    found = _hf_blocks(model) or _torchvision_stages(model) or _largest_uniform(model)
+    if found:
+        return found
+    name = type(model).__name__
+    if name not in _warned:
+        _warned.add(name)
+        log.warning("shipyard: found no repeated blocks in %s (searched strategy.blocks, model.layers, "
+                    "_no_split_modules classes, layer1..layerN, ModuleList/ModuleDict of one type): FSDP "
+                    "shards the model as one unit and activation checkpointing does nothing; set "
+                    "strategy.blocks to the path of its blocks", name)
     return []
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    try:
+        found = model.get_submodule(path)
+    except AttributeError:
+        raise UserError(f"strategy.blocks: {type(model).__name__} has no submodule {path!r}; "
+                        f"give the dotted path of its ModuleList/ModuleDict of blocks") from None
+    if not isinstance(found, _CONTAINERS):
+        raise UserError(f"strategy.blocks: {path!r} is a {type(found).__name__}, not a ModuleList/ModuleDict/"
+                        f"Sequential of blocks")
+    return found
+
+
+def _children(prefix: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(f"{prefix}.{n}", m) for n, m in container.named_children()]
+
+
+def _hf_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    classes = {c for m in model.modules() for c in (getattr(m, "_no_split_modules", None) or ())}
+    for name, m in model.named_modules():
+        kids = list(m.children())
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and kids and all(type(k).__name__ in classes for k in kids):
+            return _children(name, m)
+    return []
+
+
+def _torchvision_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    stages = [(n, m) for n, m in model.named_children() if re.fullmatch(r"layer\d+", n)]
+    return sorted(stages, key=lambda s: int(s[0][5:]))
+
+
+def _largest_uniform(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    best, size = [], 0
+    for name, m in model.named_modules():
+        kids = list(m.children())
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and kids and len({type(k) for k in kids}) == 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > size:
+                best, size = _children(name, m), n
+    return best
+
+
+def set_block(model: nn.Module, fqn: str, block: nn.Module) -> None:
+    """Put ``block`` where ``fqn`` (one of :func:`blocks`' names) is."""
+    parent, _, leaf = fqn.rpartition(".")
+    (model.get_submodule(parent) if parent else model).register_module(leaf, block)
 
 
 def tp_plan(model: nn.Module) -> dict:
     plan = getattr(model, "tp_plan", None)
-    if not callable(plan):
-        raise UserError(f"strategy tensor/hybrid: {type(model).__name__} declares no tensor-parallel plan; "
-                        f"give it a method tp_plan() -> {{fqn: ParallelStyle}} (see jobs/lm/model.py)")
-    return plan()
+    if callable(plan):
+        return plan()
+    hf = getattr(model, "_tp_plan", None) or _prefixed_base_plan(model)
+    if hf:
+        return _translate(hf)
+    raise UserError(f"strategy tensor/hybrid: {type(model).__name__} declares no tensor-parallel plan; "
+                    f"give it a method tp_plan() -> {{fqn: ParallelStyle}} (see jobs/lm/model.py)")
+
+
+def _prefixed_base_plan(model: nn.Module) -> dict:
+    base = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
+    prefix = getattr(model, "base_model_prefix", "")
+    prefix = f"{prefix}." if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
+    return {prefix + k: v for k, v in base.items()}
+
+
+def _translate(hf: dict[str, str]) -> dict:
+    """Hugging Face's style strings as DTensor ParallelStyles."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel,
+              "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),
+              "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate())}
+    plan = {}
+    for pattern, style in hf.items():
+        if style not in styles:
+            raise UserError(f"strategy tensor/hybrid: the model's Hugging Face tp plan gives {pattern!r} the style "
+                            f"{style!r}, which shipyard does not translate ({', '.join(styles)}); give the model "
+                            f"a tp_plan() method instead")
+        plan[pattern] = styles[style]()
+    return plan
 
 
 def split_points(model: nn.Module, stages: int) -> list[str]:

@@ -150,7 +150,7 @@ def apply_pipeline(model: nn.Module, device: torch.device, optimizer_fn: Callabl
     stage_index = mesh["pp"].get_local_rank()
     model = keep_stage(model, stage_index, strategy.stages).to(device)
     if strategy.activation_checkpoint:
-        apply_activation_checkpoint(model)
+        apply_activation_checkpoint(model, strategy)
     pp_group = mesh["pp"].get_group()
     model.shipyard_pipeline = Pipeline(lambda: PipelineStage(model, stage_index, strategy.stages, device, group=pp_group),
                                        stages=strategy.stages, microbatches=strategy.microbatches,

@@ -1,10 +1,10 @@
 """Tensor parallelism (DTensor ``parallelize_module``) with the model's own TP plan.
 
-The plan (``model.tp_plan()``) says which linear layers are split by output columns
-(``ColwiseParallel``) and which by input rows (``RowwiseParallel``); a column-split layer feeding
-a row-split one needs no communication between them, and each block ends in one all-reduce.
-Parameters become DTensors on the tp mesh, so DCP saves each shard under the full tensor's name
-and can load it at another tp degree (tp 2 -> tp 1).
+The plan (``model.tp_plan()``, or a Hugging Face model's own plan translated: see ``model.py``)
+says which linear layers are split by output columns (``ColwiseParallel``) and which by input rows
+(``RowwiseParallel``); a column-split layer feeding a row-split one needs no communication between
+them, and each block ends in one all-reduce. Parameters become DTensors on the tp mesh, so DCP
+saves each shard under the full tensor's name and can load it at another tp degree (tp 2 -> tp 1).
 
 With more workers than ``tp`` (``dp = world / tp`` replicas), the replicas average gradients
 through ``replicate`` (FSDP2's data-parallel mode: parameters stay whole along dp), which unlike
@@ -36,7 +36,7 @@ def apply_tensor(model: torch.nn.Module, device: torch.device, optimizer_fn: Cal
     model = model.to(device)
     parallelize(model, mesh["tp"])
     if strategy.activation_checkpoint:
-        apply_activation_checkpoint(model)
+        apply_activation_checkpoint(model, strategy)
     if dims.dp > 1:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 

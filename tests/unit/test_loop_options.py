@@ -112,3 +112,68 @@ def test_max_steps_ends_the_run_and_a_run_without_it_goes_on_exactly(runs):
     for k, v in on["weights"].items():  # and ends where the uninterrupted accumulated run did
         assert torch.equal(v, ranks[0]["accumulated"]["weights"][k])
     assert CheckpointStore(str(out / "ck-max")).latest().step == 4
+
+
+class FusedQKV(torch.nn.Module):
+    """Holds one fused projection but saves (and loads) it as separate q, k, v weights, through
+    state_dict hooks that rename and split keys, as torchtitan's and many HF attention modules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH, bias=False)
+        self.head = torch.nn.Linear(3 * WIDTH, 1)
+        self._register_state_dict_hook(FusedQKV._split)
+        self.register_load_state_dict_pre_hook(FusedQKV._fuse)
+
+    def forward(self, x):
+        return self.head(self.qkv(x))
+
+    @staticmethod
+    def _split(module, state, prefix, local_metadata):
+        fused = state.pop(prefix + "qkv.weight")
+        for name, part in zip("qkv", fused.chunk(3)):
+            state[prefix + f"{name}.weight"] = part
+        return state
+
+    @staticmethod
+    def _fuse(module, state, prefix, *args):
+        state[prefix + "qkv.weight"] = torch.cat([state.pop(prefix + f"{n}.weight") for n in "qkv"])
+
+
+def test_a_model_whose_state_dict_hooks_rename_keys_checkpoints_and_resumes(dataset, tmp_path):  # noqa: F811
+    """DCP's get_state_dict/set_state_dict go through the model's own hooks: the checkpoint holds
+    the renamed keys, and a fresh model restored from it has the trained weights."""
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ck = str(tmp_path / "ck")
+        ctx = context(make_spec(dataset, ck, epochs=1))
+        torch.manual_seed(0)
+        model, opt = ctx.prepare(FusedQKV(), lambda p: torch.optim.Adam(p, lr=0.01))
+        for batch in ctx.batches():
+            opt.zero_grad()
+            model(batch["x"]).pow(2).mean().backward()
+            opt.step()
+        ctx.close()
+        trained = {k: v.clone() for k, v in model.module.qkv.state_dict().items()} if hasattr(model, "module") \
+            else {k: v.clone() for k, v in model.qkv.state_dict().items()}
+        from shipyard.checkpoint import dcp as ckpt
+
+        saved = ckpt.consolidate(CheckpointStore(ck).latest())
+        assert {"q.weight", "k.weight", "v.weight"} <= {k.rsplit("model.", 1)[-1] for k in _flat(saved["model"])}
+        again = context(make_spec(dataset, ck, epochs=1))
+        torch.manual_seed(1)  # other initial weights: only the restore can make them equal
+        restored, _ = again.prepare(FusedQKV(), lambda p: torch.optim.Adam(p, lr=0.01))
+        inner = restored.module if hasattr(restored, "module") else restored
+        assert torch.equal(inner.qkv.weight, trained["weight"])
+        again.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k

@@ -1,7 +1,9 @@
 """What a checkpoint holds and how it is written and read, through torch.distributed.checkpoint.
 
 Model and optimizer go through DCP's ``get_state_dict``/``set_state_dict``, so the saved keys
-are the model's own names (no ``module.`` prefix from DDP) and DCP can reshard on load. Every
+are the model's own names (no ``module.`` prefix from DDP) and DCP can reshard on load (a model
+whose state_dict hooks rename keys goes through its own ``state_dict``/``load_state_dict``
+instead, which DCP cannot map; the optimizer still through DCP). Every
 rank writes its own part straight to the checkpoint URI (:mod:`shipyard.checkpoint.writer`; DCP
 dedups what DDP replicates, so each rank writes about ``1/world`` of it). What differs per rank
 (data-stream position, RNG states) goes in one small ``rank-NNNNN.pt`` per rank.
@@ -26,7 +28,8 @@ import torch.distributed.checkpoint as dcp
 # Public in the module below; not re-exported by torch.distributed.checkpoint in every release.
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, get_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 
 from shipyard import storage
 from shipyard.checkpoint.store import CheckpointStore, CommitRecord
@@ -93,12 +96,40 @@ def part_state(model, optimizer, scheduler=None) -> dict:
     (DCP keeps one copy of each key). Keyed by FQN, each stage writes its own entries and any
     strategy reads back the entries of the parameters it holds.
     """
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = _get_model_and_optim(model, optimizer)
     osd = {**osd, "param_groups": _groups_by_fqn(osd["param_groups"])}
     state = {"model": msd, "optim": osd}
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     return state
+
+
+def _renames_keys(model) -> bool:
+    """Whether the model's state_dict hooks rename or split keys (a fused QKV saved as q, k, v):
+    its state_dict then has keys that name no parameter or buffer, which DCP's
+    ``get_state_dict``/``set_state_dict`` cannot map back to module attributes."""
+    inner = getattr(model, "module", model)  # DDP's wrapper: the same keys under "module."
+    names = {n for n, _ in inner.named_parameters()} | {n for n, _ in inner.named_buffers()}
+    return not set(inner.state_dict()) <= names
+
+
+def _get_model_and_optim(model, optimizer) -> tuple[dict, dict]:
+    """DCP's ``get_state_dict``; for a model that renames its keys (:func:`_renames_keys`), the
+    model's own ``state_dict`` (what its hooks make of it) beside DCP's optimizer state dict,
+    whose keys come from the parameters' names."""
+    if _renames_keys(model):
+        return getattr(model, "module", model).state_dict(), get_optimizer_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer)
+
+
+def _set_model_and_optim(model, optimizer, msd: dict, osd: dict) -> None:
+    """:func:`set_state_dict`, or the counterpart of :func:`_get_model_and_optim`'s other path:
+    the model's own ``load_state_dict`` (its load hooks undo the renaming), DCP's for the optimizer."""
+    if _renames_keys(model):
+        getattr(model, "module", model).load_state_dict(msd)
+        set_optimizer_state_dict(model, optimizer, osd)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
 def app_state(parts: list[Part], tensors: dict | None = None) -> dict:
@@ -172,9 +203,9 @@ def load_part(record: CommitRecord, part: Part) -> None:
                               "purpose, start from step 0 with `shipyard run --fresh` (or `submit --fresh`): "
                               "a new line of checkpoints; these are kept") from None
     mine = part_of(state, part.name)
-    live_groups = get_state_dict(part.model, part.optimizer)[1]["param_groups"]
+    live_groups = get_optimizer_state_dict(part.model, part.optimizer)["param_groups"]
     optim = {**mine["optim"], "param_groups": _groups_from_fqn(mine["optim"]["param_groups"], live_groups)}
-    set_state_dict(part.model, part.optimizer, model_state_dict=mine["model"], optim_state_dict=optim)
+    _set_model_and_optim(part.model, part.optimizer, mine["model"], optim)
     if part.scheduler is not None and "scheduler" in mine:
         part.scheduler.load_state_dict(mine["scheduler"])
 

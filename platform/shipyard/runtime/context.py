@@ -239,8 +239,10 @@ class TrainContext:
                 self._step_boundary()
                 self._progress.meter.boundary(self.step, time.perf_counter())
                 self._progress.push()  # throttled: built-in metrics flow even when the user never reports
-                if self.step >= self.total_steps:
-                    break  # the data is exhausted (a last step short of its batches is dropped), or max_steps
+                if self.step >= self.total_steps:  # the data is exhausted (a last step short of its
+                    if self._stream.remaining_batches == 0:  # batches is dropped), or max_steps
+                        next(it, None)  # the stream moves past its last epoch, as a checkpoint records it
+                    break
                 self.step += 1
                 for k in range(self._accumulate):  # the step's batches; checkpoints fall between steps only
                     waited = time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,8 +110,14 @@ def _renames_keys(model) -> bool:
     its state_dict then has keys that name no parameter or buffer, which DCP's
     ``get_state_dict``/``set_state_dict`` cannot map back to module attributes."""
     inner = getattr(model, "module", model)  # DDP's wrapper: the same keys under "module."
-    names = {n for n, _ in inner.named_parameters()} | {n for n, _ in inner.named_buffers()}
-    return not set(inner.state_dict()) <= names
+    known = _RENAMES.get(inner)
+    if known is None:  # asked at every save: a model's hooks do not change, so once per model
+        names = {n for n, _ in inner.named_parameters()} | {n for n, _ in inner.named_buffers()}
+        known = _RENAMES[inner] = not set(inner.state_dict()) <= names
+    return known
+
+
+_RENAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _get_model_and_optim(model, optimizer) -> tuple[dict, dict]:

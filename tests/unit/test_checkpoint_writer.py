@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from shipyard.torch_adapter import FsspecReader, FsspecWriter
 
 from shipyard.checkpoint import writer
 from shipyard.checkpoint.writer import CheckpointWriter, tensor_pieces

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 # Public in the module below; not re-exported by torch.distributed.checkpoint in every release.
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, get_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
@@ -36,6 +35,7 @@ from shipyard import storage
 from shipyard.checkpoint.store import CheckpointStore, CommitRecord
 from shipyard.checkpoint.writer import CheckpointWriter
 from shipyard.errors import CheckpointError
+from shipyard.torch_adapter import FsspecReader, load_whole
 
 # Files per rank: DCP splits a rank's share by size into this many files and they are written at
 # once, which is what makes an object store fast (one stream is not).
@@ -261,13 +261,9 @@ def consolidate(record: CommitRecord) -> dict:
 
     Resharded tensors come back whole: ``{"model": {fqn: tensor}, "optim": {...}, ...}``.
     """
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     state: dict = {}
     try:
-        _load_state_dict(state, storage_reader=FsspecReader(record.uri, **storage.storage_options(record.uri)),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        load_whole(state, FsspecReader(record.uri, **storage.storage_options(record.uri)))
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"{record.uri}: cannot read checkpoint: {_short(e)}") from None
     return state

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import torch
 from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _split_by_size_and_type, _StorageInfo
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+
+from shipyard.torch_adapter import FsspecWriter, StorageInfo, split_by_size_and_type
 
 # Requests in flight when botocore's pool size cannot be read: botocore's own default.
 DEFAULT_CONNECTIONS = 10
@@ -134,14 +135,14 @@ class CheckpointWriter(FsspecWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix = plan.storage_data.prefix
         files, results = [], []
-        for n, items in enumerate(_split_by_size_and_type(self.files, plan.items)):
+        for n, items in enumerate(split_by_size_and_type(self.files, plan.items)):
             name = f"{prefix}{n}{DEFAULT_SUFFIX}"
             file = _File(str(self.fs.concat_path(self.path, name)), [], 0)
             for item in items:
                 pieces = _item_pieces(item, planner)
                 length = sum(len(p) for p in pieces)
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(name, file.size, length)))
+                                           storage_data=StorageInfo(name, file.size, length)))
                 file.pieces += pieces
                 file.size += length
             files.append(file)

@@ -11,9 +11,9 @@ checkpoint keys do not depend on this option (a job may turn it on or off across
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from shipyard.parallel.model import blocks, set_block
+from shipyard.torch_adapter import checkpoint_wrapper
 
 
 def apply_activation_checkpoint(model: nn.Module, strategy=None) -> nn.Module:

@@ -38,7 +38,7 @@ def apply_tensor(model: torch.nn.Module, device: torch.device, optimizer_fn: Cal
     if strategy.activation_checkpoint:
         apply_activation_checkpoint(model, strategy)
     if dims.dp > 1:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
+        from shipyard.torch_adapter import replicate
 
         replicate(model, mesh=mesh["dp"])
     return model, optimizer_fn(model.parameters())

@@ -35,9 +35,9 @@ from test_server import steps_run
 
 pytestmark = pytest.mark.integration
 JOB = REPO / "tests" / "integration" / "jobs" / "record_ids" / "job.yaml"
-JOBS = 10
+JOBS = 6
 CPUS = 2  # one worker of two CPUs a job: two of them fill the session's head (RAY_CPUS = 4), the others queue
-FREEZE_AFTER = 4  # jobs finished before the leader is frozen, then killed
+FREEZE_AFTER = 2  # jobs finished before the leader is frozen, then killed
 POLL_S = 0.5  # each look asks both replicas' /healthz, which asks the Ray dashboard: not too often
 ACTIVE = ("QUEUED", "ADMITTED", "RUNNING", "RESTARTING", "PREEMPTED")
 
@@ -136,8 +136,8 @@ def held_at_admissions(store, ids: list[str]) -> list[tuple[datetime, str, float
 @pytest.mark.timeout(1500)  # 10 real Ray Train runs, two at a time: minutes on 2 cores (each run starts ~5 processes)
 def test_two_replicas_on_one_postgresql_never_oversubscribe_and_the_standby_takes_over_within_10_s(
         fresh_database_url, ray_address, cli_env, digits_shards, tmp_path):
-    """10 small jobs submitted alternately to both replicas, two at a time on the cluster. After
-    4 have finished the leader hangs (SIGSTOP): it keeps its lock, and the standby admits nothing
+    """6 small jobs submitted alternately to both replicas, two at a time on the cluster. After
+    2 have finished the leader hangs (SIGSTOP): it keeps its lock, and the standby admits nothing
     though jobs queue and the running ones finish. Then the leader is killed (SIGKILL) and the
     standby admits the next queued job within 10 s; every job runs once and succeeds.
 

@@ -56,6 +56,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_exits_130_and_the_rerun_resumes(cli
     stdout = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, stdout[-3000:]
     assert "interrupted (SIGINT): the workers checkpoint at their next step" in stdout, stdout[-3000:]
+    assert "Error in training function" not in stdout and "Traceback" not in stdout, stdout[-3000:]
     said = re.search(r"interrupted at step (\d+): checkpoint committed \((\S+)\)", stdout)
     assert said, stdout[-3000:]
     step = int(said.group(1))

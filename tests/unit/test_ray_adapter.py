@@ -310,6 +310,39 @@ def test_quiet_controller_log_drops_only_the_named_error_once_installed_twice():
     assert not ours[0].filter(record(ControllerError(Ended("stop"))))
     assert ours[0].filter(record(ValueError("a real crash")))
 
+
+WORKER_QUIET_USE = "print no traceback on every rank of a preempted run (runtime/worker.py)"
+
+
+def test_ray_trains_worker_logs_a_training_error_inside_its_except_and_preempted_is_dropped(caplog):
+    """Ray's own function, as its thread runner calls it: inside the except. A Preempted rank's
+    record is dropped; any other error's is kept, traceback and all."""
+    import logging
+
+    from shipyard.runtime.preemption import Preempted
+
+    util = importlib.import_module(ray_adapter.WORKER_ERROR_LOGGER)
+    build = private(ray_adapter.WORKER_ERROR_LOGGER, "construct_user_exception_with_traceback", WORKER_QUIET_USE)
+    assert util.logger.name == ray_adapter.WORKER_ERROR_LOGGER, tripped(
+        f"{ray_adapter.WORKER_ERROR_LOGGER}.logger", WORKER_QUIET_USE, f"it is now {util.logger!r}")
+    ray_adapter.quiet_worker_error_log(Preempted)
+    ray_adapter.quiet_worker_error_log(Preempted)
+    assert sum(getattr(f, "shipyard_drops", None) is Preempted for f in util.logger.filters) == 1
+
+    def fail(error: BaseException) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger=ray_adapter.WORKER_ERROR_LOGGER):
+            try:
+                raise error
+            except BaseException as e:  # noqa: BLE001
+                build(e)
+        return [r.getMessage() for r in caplog.records if r.name == ray_adapter.WORKER_ERROR_LOGGER]
+
+    kept = fail(ValueError("a real crash"))
+    assert len(kept) == 1 and kept[0].startswith(ray_adapter.WORKER_ERROR_PREFIX) and "a real crash" in kept[0], \
+        tripped("construct_user_exception_with_traceback", WORKER_QUIET_USE, f"it logged {kept}")
+    assert fail(Preempted("checkpoint committed")) == []
+
 # -- the driver: worker output --------------------------------------------------------------------
 
 OUTPUT_USE = "print each rank's output once as [rank N] line instead of Ray's printer (runtime/output.py)"

@@ -29,6 +29,9 @@ What is used, and for what:
   ``UserCallback`` ends the run without a retry (the controller wraps it in a ``ControllerError``,
   which its failure policy does not retry): :func:`quiet_controller_log`, so that a run shipyard
   stops on purpose (``attempts.RetryRefused``) ends without Ray logging it as a crash.
+- The logger of ``ray.train.v2._internal.util`` and its "Error in training function" record,
+  logged inside the ``except`` that caught a training function's exception:
+  :func:`quiet_worker_error_log`, so a preempted rank (``preemption.Preempted``) prints no traceback.
 - ``ray.init(_node_ip_address=...)``: :func:`loopback_only`, a private local cluster listens on
   loopback only (``launcher.py``).
 - ``ray._raylet.GcsClient``, ``ray._private.ray_constants.DASHBOARD_ADDRESS`` and
@@ -140,25 +143,53 @@ CONTROLLER_LOGGERS = ("ray.train.v2._internal.execution.controller.controller",
                       "ray.train.v2._internal.execution.failure_handling.default")
 
 
-def quiet_controller_log(exc_type: type[BaseException]) -> None:
-    """In Ray Train's controller process: drop the controller's and failure policy's log records
-    (tracebacks) of an ``exc_type`` raised on purpose by a shipyard callback to end the run.
-    Idempotent."""
+def _drop(loggers: tuple[str, ...], exc_type: type[BaseException], error_of) -> None:
+    """Add to each logger, once per ``exc_type``, a filter dropping the records for which
+    ``error_of(record)`` is (or chains to) an ``exc_type``."""
     import logging
 
     from shipyard.errors import chain
 
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            error = record.exc_info[1] if record.exc_info else None
+            error = error_of(record)
             return error is None or not any(isinstance(e, exc_type) for e in chain(error))
 
-    for name in CONTROLLER_LOGGERS:
+    for name in loggers:
         logger = logging.getLogger(name)
         if not any(getattr(f, "shipyard_drops", None) is exc_type for f in logger.filters):
             f = _Drop()
             f.shipyard_drops = exc_type
             logger.addFilter(f)
+
+
+def quiet_controller_log(exc_type: type[BaseException]) -> None:
+    """In Ray Train's controller process: drop the controller's and failure policy's log records
+    (tracebacks) of an ``exc_type`` raised on purpose by a shipyard callback to end the run.
+    Idempotent."""
+    _drop(CONTROLLER_LOGGERS, exc_type, lambda record: record.exc_info[1] if record.exc_info else None)
+
+
+# Ray Train's worker logs a training function's exception as "Error in training function:" and
+# its traceback, from inside the ``except`` that caught it (``construct_user_exception_with_traceback``),
+# with the traceback in the message rather than as exc_info.
+WORKER_ERROR_LOGGER = "ray.train.v2._internal.util"
+WORKER_ERROR_PREFIX = "Error in training function"
+
+
+def quiet_worker_error_log(exc_type: type[BaseException]) -> None:
+    """In a training worker: drop Ray Train's "Error in training function" traceback when the
+    exception is an ``exc_type`` a rank raises on purpose (``preemption.Preempted``: the checkpoint
+    is committed and the group restarts). The exception still ends the attempt, and the run's
+    events say why; only the traceback on every rank's stderr goes. Idempotent."""
+    import sys
+
+    def error_of(record):
+        if not str(record.msg).startswith(WORKER_ERROR_PREFIX):
+            return None
+        return sys.exc_info()[1]  # the filter runs in the logging thread, inside Ray's except
+
+    _drop((WORKER_ERROR_LOGGER,), exc_type, error_of)
 
 
 # Says at every ray.init that the cluster uses token auth ("Set RAY_AUTH_MODE=disabled to opt

@@ -57,6 +57,9 @@ def train_loop(config: dict) -> None:
 
     from shipyard.runtime import deaths, preemption, regroup
     from shipyard.runtime.context import TrainContext
+    from shipyard.runtime.ray_adapter import quiet_worker_error_log
+
+    quiet_worker_error_log(preemption.Preempted)  # committed and restarting: no traceback on every rank
 
     spec = JobSpec.model_validate(config["spec"])
     os.environ.update(spec.env)

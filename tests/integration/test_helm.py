@@ -42,11 +42,19 @@ def render(helm: str, *args: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+PER_NAMESPACE = ("Role", "RoleBinding")  # one in each job namespace (kuberay.namespaces), one template
+
+
 def by_kind(docs: list[dict]) -> dict[str, dict]:
-    kinds = {}
+    """Each kind's object; of the per-namespace kinds, the job namespace's (rendered first)."""
+    kinds: dict[str, dict] = {}
+    seen: set[tuple[str, str]] = set()
     for d in docs:
-        assert d["kind"] not in kinds, f"two {d['kind']} objects: one template per object"
-        kinds[d["kind"]] = d
+        key = (d["kind"], d["metadata"].get("namespace", ""))
+        assert key not in seen and (d["kind"] in PER_NAMESPACE or d["kind"] not in kinds), \
+            f"two {d['kind']} objects: one template per object"
+        seen.add(key)
+        kinds.setdefault(d["kind"], d)
     return kinds
 
 
@@ -164,11 +172,56 @@ def test_a_kueue_queue_reaches_the_backend_config(helm):
     assert queue_of("--set", "kuberay.queue=team-a-gpus") == "team-a-gpus"
 
 
+TENANTS = CHART / "ci" / "tenants-isolation-values.yaml"
+
+
+def test_tenant_isolation_values_reach_the_backend_config_and_rbac(helm):
+    """images, namespaces, s3Secrets and networkPolicy render into a server config the backend
+    accepts with those values; the server's Role (NetworkPolicies included) and its binding
+    exist in every namespace RayJobs go to; the policy's server peer selects the server's pods."""
+    docs = render(helm, "-f", str(TENANTS))
+    objs = by_kind(docs)
+    config = KubeRayConfig.from_dict(yaml.safe_load(objs["ConfigMap"]["data"]["config.yaml"])["kuberay"])
+    assert config.images == ("registry.example.com/shipyard/worker:*", "registry.example.com/team-a/*")
+    assert config.namespaces == {"team-a": "team-a-jobs", "team-b": "team-b-jobs", "team-c": "training"}
+    assert config.s3_secrets == {"team-a": "team-a-s3"} and config.s3_secret == "shipyard-s3"
+    assert config.network_policy is True and config.operator_namespace == "kuberay"
+    assert config.operator_labels == {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay"}
+    pod = objs["Deployment"]["spec"]["template"]
+    assert config.server_namespace == objs["Deployment"]["metadata"]["namespace"] == NS
+    assert config.server_labels and config.server_labels.items() <= pod["metadata"]["labels"].items()
+
+    spec = spec_from_dict({"name": "digits", "entrypoint": "train:train", "workers": {"count": 1},
+                           "dataset": {"uri": "s3://d/digits"}, "image": "registry.example.com/team-a/custom:1"})
+    rayjob = build_rayjob("job-1", spec, "team-a", config)
+    assert rayjob["metadata"]["namespace"] == "team-a-jobs"
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["envFrom"] == [{"secretRef": {"name": "team-a-s3"}}]
+
+    for kind in PER_NAMESPACE:
+        namespaces = sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == kind)
+        assert namespaces == ["team-a-jobs", "team-b-jobs", "training"], kind  # team-c shares training: one
+    for role in (d for d in docs if d["kind"] == "Role"):
+        rules = [(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+                 for v in rule["verbs"]]
+        for verb in ("create", "get", "delete"):
+            assert ("networking.k8s.io", "networkpolicies", verb) in rules
+            assert ("ray.io", "rayjobs", verb) in rules
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": objs["ServiceAccount"]["metadata"]["name"],
+                                        "namespace": NS}]
+
+    off = by_kind(render(helm, "-f", str(TENANTS), "--set", "kuberay.networkPolicy.enabled=false"))
+    assert KubeRayConfig.from_dict(yaml.safe_load(off["ConfigMap"]["data"]["config.yaml"])["kuberay"]).network_policy is False
+
+
 def test_rbac_covers_what_the_backend_calls(helm):
     objs = by_kind(render(helm))
     rules = [(g, r, v) for rule in objs["Role"]["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]]
     for verb in ("create", "get", "list", "patch", "delete"):
         assert ("ray.io", "rayjobs", verb) in rules
+    for verb in ("create", "get", "delete"):  # each job's NetworkPolicy (kuberay.py _create_network_policy)
+        assert ("networking.k8s.io", "networkpolicies", verb) in rules
     for res in ("pods", "pods/log", "events"):
         assert ("", res, "get") in rules or ("", res, "list") in rules
     assert {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]} in objs["ClusterRole"]["rules"]
@@ -181,6 +234,9 @@ def test_rbac_covers_what_the_backend_calls(helm):
     ("servr.port=8080", "additional properties 'servr' not allowed"),
     ("kuberay.pools.a100.nodeSelectr.x=y", "/kuberay/pools/a100"),
     ("s3.endpoint=minio:9000", "/s3/endpoint"),
+    ("kuberay.namespaces.team-a=Team_A", "/kuberay/namespaces/team-a"),
+    ("kuberay.s3Secrets.team-a=bad/name", "/kuberay/s3Secrets/team-a"),
+    ("kuberay.networkPolicy.enabled=maybe", "/kuberay/networkPolicy/enabled"),
 ])
 def test_a_bad_value_fails_at_render_naming_it(helm, setting, message):
     for cmd in (["template", "shipyard", str(CHART)], ["lint", "--strict", str(CHART)]):
@@ -228,7 +284,8 @@ def leaf_paths(node: dict, prefix: str = "") -> list[str]:
     paths = []
     for key, value in node.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key not in ("requests", "limits", "podSecurityContext", "securityContext"):
+        if isinstance(value, dict) and value and key not in ("requests", "limits", "podSecurityContext", "securityContext",
+                                                             "operatorLabels"):
             paths += leaf_paths(value, f"{path}.")
         else:
             paths.append(path)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
+import uuid
 
 import pytest
 from kubernetes import client
 
 from shipyard.backends.base import BackendError, State
 from shipyard.backends.kuberay import KubeRayBackend
+from shipyard.backends.kuberay_isolation import network_policy
 from shipyard.backends.kuberay_manifest import KubeRayConfig, NodePool, build_rayjob, rayjob_name
 from shipyard.errors import SpecError
 from shipyard.packages import PackageStore
@@ -38,13 +41,25 @@ def spec(count: int = 2, gpus: float = 1.0):
                            "dataset": {"uri": "s3://data/digits"}, "checkpoint": {"uri": "s3://ckpt/digits"}})
 
 
+RAYJOBS, POLICIES = "ray.io/v1/rayjobs", "networking.k8s.io/v1/networkpolicies"
+
+
 @pytest.fixture
 def k8s(kmock):
-    for res, kind, namespaced in [("ray.io/v1/rayjobs", "RayJob", True), ("v1/pods", "Pod", True),
-                                  ("v1/events", "Event", True), ("v1/nodes", "Node", False)]:
+    for res, kind, namespaced in [(RAYJOBS, "RayJob", True), ("v1/pods", "Pod", True), ("v1/events", "Event", True),
+                                  ("v1/nodes", "Node", False), (POLICIES, "NetworkPolicy", True)]:
         kmock.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
+
+    def created(req):
+        """As the API server does: the stored object gets a uid, and the answer is the stored object."""
+        obj = kmock.objects[kmock.resource(RAYJOBS), req.data["metadata"]["namespace"], req.data["metadata"]["name"]]
+        if not obj.get("metadata", {}).get("uid"):
+            obj.patch({"metadata": {"uid": str(uuid.uuid4())}})
+        return obj.raw
+
     # The official client only reads the body of a create answered with 201, as the API server does.
-    kmock["post", kmock.resource("ray.io/v1/rayjobs")] << 201 << (lambda req: req.data)
+    kmock["post", kmock.resource(RAYJOBS)] << 201 << created
+    kmock["post", kmock.resource(POLICIES)] << 201 << (lambda req: req.data)
     return kmock
 
 
@@ -260,3 +275,95 @@ async def test_logs_come_from_the_submitter_pod(k8s):
     log_req = k8s["get", k8s.resource("v1/pods"), k8s.subresource("log")][-1]
     assert log_req.url.path == f"/api/v1/namespaces/{NS}/pods/{name}-xyz12/log"
     assert log_req.params["tailLines"] == "50"
+
+
+# -- isolation: a NetworkPolicy per job (kuberay_isolation.py) -------------------------------------
+
+def posts(k8s, res: str) -> list:
+    return list(k8s["post", k8s.resource(res)])
+
+
+async def test_submit_creates_the_jobs_network_policy_owned_by_its_rayjob(k8s):
+    be, op = backend(k8s, namespaces={"team-b": "team-b-jobs"}), FakeKubeRay(k8s)
+    handle = await call(be.submit, "job-np", spec(), "team-a")
+    name = rayjob_name("job-np")
+    uid = op.rayjob(name)["metadata"]["uid"]
+    create, = posts(k8s, POLICIES)
+    assert create.url.path == f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies"
+    assert create.params["fieldValidation"] == "Strict"
+    assert create.data == network_policy(build_rayjob("job-np", spec(), "team-a", be.config), uid, be.config)
+    assert create.data["metadata"]["ownerReferences"][0]["uid"] == uid  # the garbage collector deletes it with it
+
+    # Submitting again (the server died before storing the handle) finds both and creates nothing.
+    assert await call(be.submit, "job-np", spec(), "team-a") == handle
+    assert len(posts(k8s, POLICIES)) == 2 and len(list(k8s.objects)) == 2  # the second create met a 409
+    # A tenant with its own namespace gets its policy there; cancel deletes only the RayJob.
+    b = await call(be.submit, "job-nb", spec(), "team-b")
+    assert posts(k8s, POLICIES)[-1].url.path == "/apis/networking.k8s.io/v1/namespaces/team-b-jobs/networkpolicies"
+    await call(be.cancel, b)
+    assert not list(k8s["delete", k8s.resource(POLICIES)])
+
+
+async def test_a_stale_policy_of_an_earlier_rayjob_is_replaced(k8s):
+    """A requeued job's new RayJob has a new uid; the old one's policy, not yet garbage-collected,
+    is deleted (with a uid precondition) and created again for the new owner."""
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    name = rayjob_name("job-rq")
+    old = network_policy(build_rayjob("job-rq", spec(), "team-a", CONFIG), "old-uid", CONFIG)
+    old["metadata"]["uid"] = "policy-uid"
+    k8s.objects[k8s.resource(POLICIES), NS, name] = old
+    await call(be.submit, "job-rq", spec(), "team-a")
+    delete, = k8s["delete", k8s.resource(POLICIES)]
+    assert delete.data["preconditions"] == {"uid": "policy-uid"}
+    stored = k8s.objects[k8s.resource(POLICIES), NS, name]
+    assert stored["metadata"]["ownerReferences"][0]["uid"] == op.rayjob(name)["metadata"]["uid"] != "old-uid"
+
+
+async def test_a_foreign_policy_of_the_same_name_fails_the_submit_and_is_left_alone(k8s):
+    be, op = backend(k8s), FakeKubeRay(k8s)
+    name = rayjob_name("job-fp")
+    k8s.objects[k8s.resource(POLICIES), NS, name] = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": NS},
+        "spec": {"podSelector": {}}}
+    with pytest.raises(BackendError, match=rf"NetworkPolicy {NS}/{name}: one of that name exists and is not shipyard's"
+                                           rf".*RayJob {NS}/{name} was deleted"):
+        await call(be.submit, "job-fp", spec(), "team-a")
+    assert not list(k8s["delete", k8s.resource(POLICIES)])
+    assert len(list(k8s["delete", k8s.resource(RAYJOBS)])) == 1  # fail closed: no job without its policy
+
+
+async def test_without_the_network_policy_api_jobs_run_with_one_warning(k8s, caplog):
+    (k8s ** 1)["post", k8s.resource(POLICIES)] << 404 << {"kind": "Status", "code": 404, "reason": "NotFound",
+                                                   "message": "the server could not find the requested resource"}
+    (k8s ** 1)["get /apis/networking.k8s.io/v1"] << 404  # discovery: the group/version is not served
+    be = backend(k8s)
+    with caplog.at_level(logging.WARNING, logger="shipyard.backends.kuberay"):
+        handles = [await call(be.submit, j, spec(), "team-a") for j in ("job-w1", "job-w2")]
+    assert handles == [f"{NS}/{rayjob_name('job-w1')}", f"{NS}/{rayjob_name('job-w2')}"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "NetworkPolicy API is not served" in warnings[0].getMessage()
+    assert len(posts(k8s, POLICIES)) == 1  # not asked again
+    assert not list(k8s["delete", k8s.resource(RAYJOBS)])  # the jobs run
+
+
+async def test_a_forbidden_policy_create_names_the_rbac_rule_and_removes_the_rayjob(k8s):
+    (k8s ** 1)["post", k8s.resource(POLICIES)] << 403 << {  # above the fixture's 201
+        "kind": "Status", "code": 403, "reason": "Forbidden",
+        "message": 'networkpolicies.networking.k8s.io is forbidden: User "system:serviceaccount:shipyard:shipyard" '
+                   'cannot create resource "networkpolicies" in API group "networking.k8s.io" in the namespace "team-b-jobs"'}
+    be = backend(k8s, namespaces={"team-b": "team-b-jobs"})
+    with pytest.raises(BackendError) as err:
+        await call(be.submit, "job-f", spec(), "team-b")
+    msg = str(err.value)
+    assert msg.startswith(f"cannot create NetworkPolicy team-b-jobs/{rayjob_name('job-f')}: HTTP 403: forbidden:")
+    assert ('{apiGroups: ["networking.k8s.io"], resources: ["networkpolicies"], verbs: ["create"]} '
+            "in a Role in namespace team-b-jobs") in msg  # the tenant's namespace, where the Role is missing
+    assert "system:serviceaccount:shipyard:shipyard" in msg and "was deleted" in msg
+    delete, = k8s["delete", k8s.resource(RAYJOBS)]
+    assert delete.url.path.endswith(f"/namespaces/team-b-jobs/rayjobs/{rayjob_name('job-f')}")
+
+
+async def test_network_policies_off_creates_none(k8s):
+    be = backend(k8s, network_policy=False)
+    await call(be.submit, "job-off", spec(), "team-a")
+    assert not posts(k8s, POLICIES)

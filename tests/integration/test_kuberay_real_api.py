@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import time
 import uuid
 
@@ -383,3 +384,18 @@ def test_only_a_missing_rayjob_api_says_so(k8s_api_bare, k8s_api, ns):
     be = backend(k8s_api, ns)
     be.submit("job-n", spec_of({}), "team-a")
     assert list(be.list_jobs()) == ["job-n"]
+
+
+def test_without_the_network_policy_api_jobs_run_with_one_warning(k8s_api, ns, caplog):
+    """This server serves no networking.k8s.io API, as a dev cluster without a CNI may not: its
+    real 404s (on the create, then on discovery) make the backend warn once and run jobs without
+    a NetworkPolicy, instead of failing every submit. (The policy itself is checked against the
+    Kubernetes schema in tests/unit/test_kuberay_isolation.py.)"""
+    be = backend(k8s_api, ns)
+    with caplog.at_level(logging.WARNING, logger="shipyard.backends.kuberay"):
+        handles = [be.submit(j, spec_of({}), "team-a") for j in ("job-np1", "job-np2")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "networking.k8s.io/v1 NetworkPolicy API is not served" in warnings[0]
+    op = Operator(k8s_api.api_client(), ns)
+    for handle in handles:
+        assert op.get(handle.split("/")[1])["metadata"]["uid"]  # created, and kept

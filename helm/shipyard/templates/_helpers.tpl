@@ -43,6 +43,16 @@ app.kubernetes.io/component: server
 {{- default .Release.Namespace .Values.kuberay.namespace }}
 {{- end }}
 
+{{/* Every namespace RayJobs go to (the job namespace, then each tenant's), space-separated:
+the server's Role and RoleBinding are created in each. */}}
+{{- define "shipyard.jobNamespaces" -}}
+{{- $all := list (include "shipyard.jobNamespace" .) }}
+{{- range $ns := sortAlpha (values .Values.kuberay.namespaces) }}
+{{- if not (has $ns $all) }}{{- $all = append $all $ns }}{{- end }}
+{{- end }}
+{{- join " " $all }}
+{{- end }}
+
 {{- define "shipyard.image" -}}
 {{- printf "%s:%s" (required "image.repository is required: the server image (deploy/Dockerfile.server)" .Values.image.repository) (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}

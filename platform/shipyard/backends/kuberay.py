@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from kubernetes import client, config as kube_config
 from kubernetes.client.exceptions import ApiException
 
 from shipyard.backends.base import BackendError, BackendStatus, Capacity, Handle, State
+from shipyard.backends.kuberay_isolation import NP_GROUP, NP_PLURAL, NP_VERSION, network_policy, owned_by
 from shipyard.backends.kuberay_manifest import (
     GROUP, JOB_ID, KUEUE_QUEUE, MANAGED_BY, PLURAL, RAYJOB, VERSION, KubeRayConfig, Resources, build_rayjob,
     node_allocatable, rayjob_name, rayjob_requests,
@@ -31,6 +33,7 @@ from shipyard.backends.kuberay_manifest import (
 from shipyard.errors import SpecError
 from shipyard.spec import JobSpec
 
+log = logging.getLogger(__name__)
 TIMEOUT_S = 30
 SELECTOR = f"{MANAGED_BY}=shipyard,{JOB_ID}"
 
@@ -57,6 +60,8 @@ NODES = KubeApi("", "v1", "nodes", "the core v1 Node API", namespaced=False,
                 grant="the chart's ClusterRole (clusterRole.create)")
 PODS = KubeApi("", "v1", "pods", "the core v1 Pod API", grant="the chart's Role (rbac.create)")
 POD_LOGS = KubeApi("", "v1", "pods/log", "the core v1 Pod API", grant="the chart's Role (rbac.create)")
+NETWORK_POLICIES = KubeApi(NP_GROUP, NP_VERSION, NP_PLURAL, f"the {NP_GROUP}/{NP_VERSION} NetworkPolicy API",
+                           grant="the chart's Role (rbac.create), in every tenant namespace")
 
 KUEUE_WAITING = "KueueAdmission"
 PENDING_DEPLOYMENT = ("", "New", "Initializing", "Waiting")
@@ -156,6 +161,7 @@ class KubeRayBackend:
         self._clock = clock
         # Outcomes this instance decided and then deleted the RayJob for (cancel, init timeout).
         self._final: dict[Handle, BackendStatus] = {}
+        self._network_policies_served = True  # until the API server says it has no NetworkPolicy API
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> "KubeRayBackend":
@@ -203,8 +209,8 @@ class KubeRayBackend:
         try:
             # Strict: a field the installed CRD does not know fails the submit, naming the field,
             # instead of being dropped silently (the server's default since 1.27 only warns).
-            self._custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body, field_validation="Strict",
-                                                         _request_timeout=TIMEOUT_S)
+            created = self._custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body,
+                                                                   field_validation="Strict", _request_timeout=TIMEOUT_S)
         except ApiException as e:
             if e.status != 409:
                 raise self._error(f"create RayJob {ns}/{name}", e, RAYJOBS, "create") from e
@@ -212,6 +218,8 @@ class KubeRayBackend:
             owner = ((existing or {}).get("metadata", {}).get("annotations") or {}).get(JOB_ID)
             if owner != job_id:
                 raise BackendError(f"RayJob {ns}/{name} already exists for job {owner!r}, not {job_id!r}") from e
+            created = existing
+        self._isolate(body, ((created or {}).get("metadata") or {}).get("uid"))
         return f"{ns}/{name}"
 
     def status(self, handle: Handle) -> BackendStatus:
@@ -323,6 +331,65 @@ class KubeRayBackend:
             if e.status != 404:
                 raise self._error(f"delete RayJob {ns}/{name}", e, RAYJOBS, "delete") from e
 
+    def _isolate(self, rayjob: dict[str, Any], uid: str | None) -> None:
+        """The job's NetworkPolicy (``kuberay_isolation.network_policy``), owned by its RayJob, so
+        Kubernetes deletes it with the RayJob. Fails closed: when it cannot be created the RayJob
+        is deleted and the submit fails. An API server without the NetworkPolicy API (a dev
+        cluster) is warned about once and jobs run without."""
+        if not self.config.network_policy or not self._network_policies_served:
+            return
+        ns, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
+        try:
+            if not uid:
+                raise BackendError(f"cannot create NetworkPolicy {ns}/{name}: the API server sent RayJob {ns}/{name} "
+                                   "without a metadata.uid to own it")
+            self._create_network_policy(network_policy(rayjob, uid, self.config))
+        except BackendError as e:
+            try:
+                self._delete(ns, name)
+            except BackendError:
+                pass  # the NetworkPolicy's error is the one to report
+            raise BackendError(f"{e}; RayJob {ns}/{name} was deleted: a job does not run without its NetworkPolicy "
+                               "(kuberay.network_policy: false turns them off)") from e
+
+    def _create_network_policy(self, policy: dict[str, Any]) -> None:
+        ns, name = policy["metadata"]["namespace"], policy["metadata"]["name"]
+        uid = policy["metadata"]["ownerReferences"][0]["uid"]
+        for _ in range(2):  # a second time after removing a stale policy of an earlier RayJob
+            try:
+                self._custom.create_namespaced_custom_object(NP_GROUP, NP_VERSION, ns, NP_PLURAL, policy,
+                                                             field_validation="Strict", _request_timeout=TIMEOUT_S)
+                return
+            except ApiException as e:
+                if e.status == 404 and self._served(NETWORK_POLICIES) is False:
+                    self._network_policies_served = False
+                    log.warning("%s is not served by this Kubernetes API server: jobs run without a NetworkPolicy "
+                                "(any pod can reach their Ray dashboard and Jobs API)", NETWORK_POLICIES.what)
+                    return
+                if e.status != 409:
+                    raise self._error(f"create NetworkPolicy {ns}/{name}", e, NETWORK_POLICIES, "create", ns) from e
+            try:
+                existing = self._custom.get_namespaced_custom_object(NP_GROUP, NP_VERSION, ns, NP_PLURAL, name,
+                                                                     _request_timeout=TIMEOUT_S)
+            except ApiException as e:
+                if e.status == 404:
+                    continue  # deleted meanwhile: create again
+                raise self._error(f"get NetworkPolicy {ns}/{name}", e, NETWORK_POLICIES, "get", ns) from e
+            if owned_by(existing, uid):
+                return  # this RayJob's, from an earlier submit
+            if ((existing.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY) != "shipyard":
+                raise BackendError(f"cannot create NetworkPolicy {ns}/{name}: one of that name exists and is not "
+                                   "shipyard's; rename or remove it")
+            # An earlier RayJob's of the same name (a requeued job), not yet garbage-collected.
+            try:
+                self._custom.delete_namespaced_custom_object(
+                    NP_GROUP, NP_VERSION, ns, NP_PLURAL, name, _request_timeout=TIMEOUT_S,
+                    body={"preconditions": {"uid": existing["metadata"]["uid"]}})
+            except ApiException as e:
+                if e.status not in (404, 409):  # gone already, or replaced meanwhile: try again
+                    raise self._error(f"delete NetworkPolicy {ns}/{name}", e, NETWORK_POLICIES, "delete", ns) from e
+        raise BackendError(f"cannot create NetworkPolicy {ns}/{name}: it keeps being recreated by someone else")
+
     def _list_rayjobs(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         for ns in sorted({self.config.namespace, *self.config.namespaces.values()}):  # every tenant's
@@ -359,10 +426,10 @@ class KubeRayBackend:
                   if (e.get("involvedObject") or {}).get("name") in involved]
         return diagnose(pods, events)
 
-    def _error(self, what: str, e: ApiException, api: KubeApi, verb: str) -> BackendError:
+    def _error(self, what: str, e: ApiException, api: KubeApi, verb: str, ns: str | None = None) -> BackendError:
         said = _server_message(e)
         if e.status == 403:
-            where = f"a Role in namespace {self.config.namespace}" if api.namespaced else "a ClusterRole"
+            where = f"a Role in namespace {ns or self.config.namespace}" if api.namespaced else "a ClusterRole"
             hint = (f"forbidden: the server's ServiceAccount needs the RBAC rule {{{api.rule(verb)}}} in {where} "
                     f"({api.grant} grants it); the API server said: {said}")
         elif e.status == 404 and self._served(api) is False:

@@ -20,7 +20,8 @@ CRD schema without a cluster. Shape of the RayJob:
   unsuspends it (shipyard's scheduler hands such jobs over without its own capacity checks);
 - every pod non-root with no privilege escalation and no capabilities (``POD_SECURITY``);
 - GPU workers go to a node pool (nodeSelector, tolerations, affinity) from the server config;
-- S3 credentials come from a Secret through ``envFrom`` on every container;
+- S3 credentials come from a Secret through ``envFrom`` on every container: the tenant's own
+  (``s3_secrets``) or the shared one (``s3_secret``);
 - the job's code: with ``package_uri`` (the uploaded code package in object storage), the
   RayJob's ``runtimeEnvYAML`` makes it the job's ``working_dir``, every pod downloads and unpacks
   it, and the driver's spec says ``workdir: .``; without one the spec's ``workdir`` is used as
@@ -65,6 +66,9 @@ GRACE_MARGIN_S = 30
 POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 MAX_NAME = 47  # KubeRay: RayJob names longer than this fail validation (cluster name = name + 6)
+MAX_SELECTOR_LABELS = 16
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,16 @@ class KubeRayConfig:
     # The server's own ``image`` is always allowed.
     images: tuple[str, ...] = ()
     namespaces: dict[str, str] = field(default_factory=dict)  # tenant -> its own namespace; others: namespace
+    # tenant -> its own S3 Secret (AWS_* keys), in that tenant's namespace (envFrom reads a Secret
+    # of the pod's namespace only); its pods get it instead of s3_secret. Others: s3_secret.
+    s3_secrets: dict[str, str] = field(default_factory=dict)
+    # A NetworkPolicy per job (kuberay_isolation.py): ingress to its pods only from its own pods,
+    # and on the dashboard port from its submitter, the operator's pods and the server's pods.
+    network_policy: bool = True
+    operator_namespace: str = "ray-system"       # where the KubeRay operator runs (KubeRay's docs)
+    operator_labels: dict[str, str] = field(default_factory=lambda: {"app.kubernetes.io/name": "kuberay-operator"})
+    server_namespace: str | None = None          # where the shipyard server runs; None: namespace
+    server_labels: dict[str, str] = field(default_factory=lambda: {"app.kubernetes.io/name": "shipyard"})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "KubeRayConfig":
@@ -120,10 +134,27 @@ class KubeRayConfig:
         return cls(**raw)
 
     def __post_init__(self) -> None:
-        for tenant, ns in self.namespaces.items():
-            if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns or ""):
-                raise ValueError(f"kuberay config: namespaces.{tenant}: got {ns!r}; a namespace is a DNS label "
+        names = {f"namespaces.{t}": ns for t, ns in self.namespaces.items()}
+        names["operator_namespace"] = self.operator_namespace
+        if self.server_namespace is not None:
+            names["server_namespace"] = self.server_namespace
+        for key, ns in names.items():
+            if not isinstance(ns, str) or not DNS_LABEL.fullmatch(ns):
+                raise ValueError(f"kuberay config: {key}: got {ns!r}; a namespace is a DNS label "
                                  "(lowercase letters, digits and -, at most 63)")
+        for tenant, secret in self.s3_secrets.items():
+            if not isinstance(secret, str) or len(secret) > 253 or not DNS_SUBDOMAIN.fullmatch(secret):
+                raise ValueError(f"kuberay config: s3_secrets.{tenant}: got {secret!r}; a Secret name is a DNS "
+                                 "subdomain (lowercase letters, digits, - and ., at most 253)")
+        for key in ("operator_labels", "server_labels"):
+            labels = getattr(self, key)
+            if not isinstance(labels, dict) or len(labels) > MAX_SELECTOR_LABELS:
+                raise ValueError(f"kuberay config: {key}: got {labels!r}; a mapping of at most "
+                                 f"{MAX_SELECTOR_LABELS} labels")
+            for k, v in labels.items():
+                if not is_label_key(k) or not isinstance(v, str) or label_value(v) != v:
+                    raise ValueError(f"kuberay config: {key}: {k!r}: {v!r} is not a Kubernetes label "
+                                     "(key [prefix/]name, value at most 63 alphanumerics, -, _ or .)")
         for key in ("gpu_pool", "cpu_pool"):
             pool = getattr(self, key)
             if pool and pool not in self.pools:
@@ -134,6 +165,21 @@ def namespace_of(config: KubeRayConfig, tenant: str) -> str:
     """Where a tenant's RayJobs live: its own namespace when the config gives one, so Kubernetes
     RBAC, ResourceQuotas and NetworkPolicies can separate tenants."""
     return config.namespaces.get(tenant, config.namespace)
+
+
+def s3_secret_of(config: KubeRayConfig, tenant: str) -> str | None:
+    """The Secret a tenant's pods get their S3 credentials from: its own when the config gives
+    one (so one tenant's jobs cannot use another's keys), else the shared ``s3_secret``."""
+    return config.s3_secrets.get(tenant, config.s3_secret)
+
+
+def is_label_key(key: Any) -> bool:
+    """A Kubernetes label key: ``[prefix/]name``, name <= 63 chars, prefix a DNS subdomain <= 253."""
+    if not isinstance(key, str):
+        return False
+    prefix, _, name = key.rpartition("/")
+    return (re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", name) is not None
+            and (not prefix or (len(prefix) <= 253 and DNS_SUBDOMAIN.fullmatch(prefix) is not None)))
 
 
 def rayjob_name(job_id: str) -> str:
@@ -184,15 +230,15 @@ def _cpu(value: float) -> str:
 
 
 def _pod(config: KubeRayConfig, *, name: str, image: str, resources: dict, pool: NodePool,
-         labels: dict[str, str], env: dict[str, str], grace_s: int) -> dict[str, Any]:
+         labels: dict[str, str], env: dict[str, str], grace_s: int, s3_secret: str | None) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name, "image": image, "imagePullPolicy": config.image_pull_policy,
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": dict(CONTAINER_SECURITY),
     }
-    if config.s3_secret:
-        container["envFrom"] = [{"secretRef": {"name": config.s3_secret}}]
+    if s3_secret:
+        container["envFrom"] = [{"secretRef": {"name": s3_secret}}]
     spec: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": grace_s,
                             "securityContext": dict(POD_SECURITY)}
     if config.shm_size:
@@ -237,9 +283,9 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig,
     worker_resources = {"cpu": _cpu(w.cpus), "memory": memory, **({GPU: str(gpus)} if gpus else {})}
     head = _pod(config, name="ray-head", image=image, pool=_pool(config, config.cpu_pool), labels=pod_labels,
                 resources={"cpu": config.head_cpus, "memory": config.head_memory},
-                env={**env, SPEC_ENV: spec_json(spec)}, grace_s=grace_s)
+                env={**env, SPEC_ENV: spec_json(spec)}, grace_s=grace_s, s3_secret=s3_secret_of(config, tenant))
     worker = _pod(config, name="ray-worker", image=image, pool=pool, labels=pod_labels,
-                  resources=worker_resources, env=env, grace_s=grace_s)
+                  resources=worker_resources, env=env, grace_s=grace_s, s3_secret=s3_secret_of(config, tenant))
     worker_params = {"num-cpus": str(math.ceil(w.cpus)), **({"num-gpus": str(gpus)} if gpus else {})}
     job_spec: dict[str, Any] = {
         "entrypoint": entrypoint_command(job_id),

@@ -42,6 +42,54 @@ def job_module(job: str, name: str = "model"):
     return module
 
 
+def _train_rank(rank: int, world: int, port: int, runs: list, errors: str | None) -> None:
+    import importlib
+
+    import torch
+    import torch.distributed as dist
+
+    from shipyard.errors import UserError
+    from shipyard.runtime.context import TrainContext
+    from shipyard.spec import spec_from_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for i, (paths, spec) in enumerate(runs):
+            for name in ("train", "model"):  # the previous run's job's
+                sys.modules.pop(name, None)
+            sys.path[:0] = paths
+            train = importlib.import_module("train")
+            ctx = TrainContext(spec_from_dict(spec), rank=rank, world_size=world, local_rank=rank,
+                               device=torch.device("cpu"))
+            try:
+                train.train(ctx)
+            except UserError as e:
+                if errors is None:
+                    raise
+                ctx.abandon()
+                (Path(errors) / f"{i}-rank{rank}.txt").write_text(str(e))
+                continue
+            ctx.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def train_on_ranks(world: int, runs: list[tuple[Path | list[Path], dict]], errors: Path | None = None) -> None:
+    """Each ``(job, spec)`` of ``runs`` in turn: ``train(ctx)`` of the job's train.py through a
+    TrainContext of the spec (a dict, as in a job.yaml), on ``world`` ranks of a real gloo group
+    (torch.multiprocessing on 127.0.0.1). ``job``: the job's directory, or a list of directories
+    put first on sys.path (the job's and where its ``from model import ...`` is found), so a
+    test does not depend on which job another test module loaded last. With ``errors``, a
+    UserError out of a run is written to ``errors/<i>-rank<r>.txt`` and the next run starts;
+    without, it fails the test as any other exception does."""
+    import torch.multiprocessing as mp
+
+    runs = [([str(p) for p in (job if isinstance(job, list) else [job])], spec) for job, spec in runs]
+    mp.spawn(_train_rank, args=(world, free_port(), runs, str(errors) if errors else None), nprocs=world)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,9 +1,9 @@
 """Train the small ResNet (model.py) on the digits images, under ddp or fsdp.
 
 Test hooks (all optional, under ``config``): ``out`` (a folder: each rank appends its per-step
-loss to ``rank<r>.jsonl`` and writes its final weights and BatchNorm buffers to
-``final-rank<r>.pt``), ``kills`` (a list of ``[step, rank]``: SIGKILL that rank's process once
-at that step).
+loss to ``rank<r>.jsonl`` and writes its final weights and BatchNorm buffers, with the names of
+those it held as shards, to ``final-rank<r>.pt``), ``kills`` (a list of ``[step, rank]``:
+SIGKILL that rank's process once at that step).
 """
 
 import json
@@ -63,4 +63,5 @@ def train(ctx):
     if ctx.spec.dataset.eval_uri:
         ctx.report(accuracy=evaluate(ctx, model))
     if out is not None:
-        torch.save({"step": ctx.step, "model": full_state(model)}, out / f"final-rank{ctx.rank}.pt")
+        sharded = sorted(k for k, v in getattr(model, "module", model).state_dict().items() if hasattr(v, "full_tensor"))
+        torch.save({"step": ctx.step, "model": full_state(model), "sharded": sharded}, out / f"final-rank{ctx.rank}.pt")

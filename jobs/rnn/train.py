@@ -1,4 +1,4 @@
-"""Train the byte-level LSTM (model.py) on text rows, data-parallel under ddp.
+"""Train the byte-level LSTM (model.py) on text rows, data-parallel under ddp or fsdp.
 
 Each row is ``context + 1`` bytes: the model reads the first ``context`` and predicts each next
 byte. ``config.out`` (optional, for tests): each rank appends its per-step loss to

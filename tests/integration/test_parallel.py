@@ -21,14 +21,13 @@ count, a clip norm missing a shard -- moves the loss by 1e-2 or more within the 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, job_module
+from conftest import REPO, job_module, train_on_ranks
 
 pytestmark = pytest.mark.integration
 JOB = str(REPO / "jobs" / "lm" / "job.yaml")
@@ -87,15 +86,15 @@ def reference_losses(data: Path, dp: int, epochs: int, build=lambda cfg: LM(LMCo
     return losses
 
 
-def step_losses(out: Path, ranks: list[int]) -> dict[int, float]:
-    """Step -> mean over the given (data-parallel) ranks of the loss each reported (last record
-    of a step wins: a resumed run appends after the first run's records)."""
+def step_losses(out: Path, ranks: list[int], key: str = "loss") -> dict[int, float]:
+    """Step -> mean over the given (data-parallel) ranks of the loss (``key``) each reported (last
+    record of a step wins: a resumed run appends after the first run's records)."""
     per_rank = []
     for r in ranks:
         by_step = {}
         for line in (out / f"rank{r}.jsonl").read_text().splitlines():
             rec = json.loads(line)
-            by_step[rec["step"]] = rec["loss"]
+            by_step[rec["step"]] = rec[key]
         per_rank.append(by_step)
     return {s: sum(d[s] for d in per_rank) / len(per_rank) for s in per_rank[0]}
 
@@ -175,38 +174,14 @@ def test_pipeline_two_stages_matches_reference_and_resumes(shipyard, ray_address
 
 # -- 4-rank meshes, torch.multiprocessing ----------------------------------------------------
 
-def _rank(rank, world, port, strategy, data, out, ckpt, epochs, job):
-    import importlib
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        sys.path.insert(0, job)
-        train = importlib.import_module("train")
-        from shipyard.runtime.context import TrainContext
-        from shipyard.spec import spec_from_dict
-
-        dp = world // strategy.get("tp", 1) // strategy.get("stages", strategy.get("pp", 1))
-        spec = spec_from_dict({
-            "name": "lm", "entrypoint": "train.py:train", "workers": {"count": world}, "strategy": strategy,
-            "dataset": {"uri": data, "batch_size": GLOBAL_BATCH // dp, "epochs": epochs},
-            "checkpoint": {"uri": ckpt, "every_steps": 10, "keep_last": None},
-            "config": {**MODEL, "out": out}})
-        ctx = TrainContext(spec, rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-        train.train(ctx)
-        ctx.close()
-    finally:
-        dist.destroy_process_group()
-
-
 def run_ranks(world, strategy, data, out, ckpt, epochs=1, job=REPO / "jobs" / "lm"):
     """``train(ctx)`` of ``job``'s train.py on ``world`` ranks (jobs/lm's model is importable)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_rank, args=(world, free_port(), strategy, str(data), str(out), str(ckpt), epochs, str(job)), nprocs=world)
+    dp = world // strategy.get("tp", 1) // strategy.get("stages", strategy.get("pp", 1))
+    train_on_ranks(world, [([job, REPO / "jobs" / "lm"], {
+        "name": "lm", "entrypoint": "train.py:train", "workers": {"count": world}, "strategy": strategy,
+        "dataset": {"uri": str(data), "batch_size": GLOBAL_BATCH // dp, "epochs": epochs},
+        "checkpoint": {"uri": str(ckpt), "every_steps": 10, "keep_last": None},
+        "config": {**MODEL, "out": str(out)}})])
 
 
 @pytest.mark.parametrize("strategy", [

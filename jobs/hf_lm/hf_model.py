@@ -22,5 +22,6 @@ def build(cfg: dict) -> LlamaForCausalLM:
 
 
 def next_token_loss(output, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting each next byte (``output``: HF's CausalLMOutput)."""
+    """Mean cross-entropy of predicting each next byte (``output``: HF's CausalLMOutput; under
+    pipeline too, rebuilt from the last stage's logits)."""
     return F.cross_entropy(output.logits.flatten(0, 1).float(), targets.flatten())

@@ -1,4 +1,4 @@
-"""Train a Hugging Face Llama (hf_model.py) as it comes, under fsdp, tensor or ddp.
+"""Train a Hugging Face Llama (hf_model.py) as it comes, under any strategy (see README.md).
 
 The loop is jobs/lm's: ``ctx.prepare`` wraps the model for the strategy, ``ctx.train_step``
 runs forward and backward, ``ctx.clip_grad_norm_`` clips by the whole model's norm.

@@ -1,9 +1,10 @@
 """A small decoder-only transformer language model (GPT-style, pre-norm, byte-level vocabulary).
 
 It declares what shipyard's model-parallel strategies need (see shipyard/parallel/model.py):
-``layers`` (an nn.ModuleDict of blocks: FSDP units, activation-checkpoint units, pipeline
-stages drop blocks by name), ``tp_plan()`` and ``pipeline_split_points``. Its forward skips a
-top-level module that is None, so a pipeline stage is this class with the other stages removed.
+``layers`` (an nn.ModuleDict of blocks: FSDP units, activation-checkpoint units), ``tp_plan()``
+and ``pipeline_split_points``. A pipeline stage is this class with the other stages' modules
+replaced by pass-throughs, which its forward (``h = m(h)`` throughout) runs unchanged; the
+``is not None`` tests are for a model cut by hand.
 """
 
 from __future__ import annotations

@@ -147,8 +147,9 @@ class TensorStrategy(_Model):
 
 
 class PipelineStrategy(_Model):
-    """Pipeline parallel (torch.distributed.pipelining): the model is cut at its declared split
-    points into ``stages`` consecutive stages; each batch runs as ``microbatches`` microbatches."""
+    """Pipeline parallel (torch.distributed.pipelining): the model is cut into ``stages``
+    consecutive stages at its declared split points, else between its repeated blocks (evenly by
+    block count); each batch runs as ``microbatches`` microbatches."""
 
     kind: Literal["pipeline"] = "pipeline"
     stages: int = Field(2, ge=2, le=4096, description="pipeline stages; workers.count must be a multiple")

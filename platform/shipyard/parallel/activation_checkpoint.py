@@ -16,7 +16,9 @@ from shipyard.parallel.model import blocks, set_block
 from shipyard.torch_adapter import checkpoint_wrapper
 
 
-def apply_activation_checkpoint(model: nn.Module, strategy=None) -> nn.Module:
-    for fqn, block in blocks(model, strategy):
+def apply_activation_checkpoint(model: nn.Module, strategy=None, found=None) -> nn.Module:
+    """``found``: the ``(fqn, block)`` pairs to wrap, when not :func:`blocks`' (a pipeline stage
+    wraps the blocks it kept, found on the whole model before the cut)."""
+    for fqn, block in blocks(model, strategy) if found is None else found:
         set_block(model, fqn, checkpoint_wrapper(block, preserve_rng_state=True))
     return model

@@ -26,11 +26,12 @@ style by style: ``colwise``/``rowwise`` to ``ColwiseParallel``/``RowwiseParallel
 inputs/outputs. HF's attention reshapes with ``view(..., -1, head_dim)``, so a rank's local heads
 need no change to the model; any other style is a UserError.
 
-Pipelines: ``model.pipeline_split_points: list[str]``: the FQNs before which a pipeline stage may
-begin, in forward order (e.g. ``["layers.1", "layers.2", "layers.3"]``). The model's forward must
-skip a top-level module that is ``None`` and iterate over whatever ``layers`` still holds, so that
-a stage is the same class with the other stages' modules removed (its FQNs, and so its checkpoint
-keys, stay the full model's). Nothing is found automatically here.
+Pipelines (:func:`split_points`): the FQNs before which a pipeline stage begins. A model may
+declare candidates, ``model.pipeline_split_points: list[str]`` in forward order (e.g.
+``["layers.1", "layers.2", "layers.3"]``; an attribute, so a job may also set it on a Hugging Face
+model it built); without them every repeated block but the first (:func:`blocks`) is one. The
+pipeline takes ``stages - 1`` of the candidates, spread evenly. How a stage is cut from the model
+is ``pipeline.py``'s business.
 """
 
 from __future__ import annotations
@@ -151,15 +152,20 @@ def _translate(hf: dict[str, str]) -> dict:
     return plan
 
 
-def split_points(model: nn.Module, stages: int) -> list[str]:
-    """``stages - 1`` of the model's declared split points, spread as evenly as they allow."""
+def split_points(model: nn.Module, stages: int, strategy=None) -> list[str]:
+    """``stages - 1`` of the model's split points (declared, else its blocks), spread as evenly as
+    they allow: the candidates cut the model into ``len + 1`` units, and a stage boundary falls at
+    every ``units / stages``-th."""
     points = list(getattr(model, "pipeline_split_points", None) or [])
+    what = "pipeline_split_points"
     if not points:
-        raise UserError(f"strategy pipeline: {type(model).__name__} declares no pipeline_split_points "
-                        f"(a list of module names a stage may start at; see jobs/lm/model.py)")
+        points, what = [fqn for fqn, _ in blocks(model, strategy)][1:], "repeated blocks after the first"
+    if not points:
+        raise UserError(f"strategy pipeline: {type(model).__name__} declares no pipeline_split_points and has no "
+                        f"repeated blocks to cut between (set strategy.blocks, or give the model "
+                        f"pipeline_split_points: the module names a stage may start at; see jobs/lm/model.py)")
     if stages - 1 > len(points):
         raise UserError(f"strategy.stages: {stages} stages need {stages - 1} split points; "
-                        f"{type(model).__name__} declares {len(points)}: {points}")
-    # Candidates split the model into len(points)+1 units; stage boundaries at even unit counts.
+                        f"{type(model).__name__} has {len(points)} ({what}): {points}")
     units = len(points) + 1
     return [points[round(i * units / stages) - 1] for i in range(1, stages)]

@@ -295,7 +295,9 @@ class TrainContext:
         ``loss_fn(model(inputs), targets)`` must be a mean over the batch. Under ``pipeline`` the
         model is cut into stages and a schedule runs the batch as microbatches through them: there
         the schedule runs forward and backward, and the returned loss (the mean over microbatches,
-        sent from the last stage) is the same on every rank of a pipeline. Elsewhere this is
+        sent from the last stage) is the same on every rank of a pipeline; ``loss_fn`` gets the last
+        stage's output (a Hugging Face model's rebuilt as its own output class with the logits, so
+        ``output.logits`` works under every strategy). Elsewhere this is
         ``loss = loss_fn(model(inputs), targets); loss.backward()``. The loss is this data-parallel
         rank's; the optimizer step (and ``clip_grad_norm_`` before it) stays in the user's loop.
         ``name``: which prepared model, when several are.

@@ -2,7 +2,7 @@
 
 Nothing here is for shipyard: the model declares no ``layers``, no ``tp_plan()``. shipyard finds
 its decoder layers through transformers' ``_no_split_modules`` and translates its own tensor
-parallel plan (``model._tp_plan``); see shipyard/parallel/model.py.
+parallel plan (``model.tp_plan``); see shipyard/parallel/hf_adapter.py.
 """
 
 from __future__ import annotations

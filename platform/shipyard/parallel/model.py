@@ -18,8 +18,8 @@ With none, a warning (once per model class) says so, and FSDP shards the model a
 
 Tensor parallelism (:func:`tp_plan`): ``model.tp_plan() -> {fqn pattern: ParallelStyle}``
 (``parallelize_module``'s plan; ``*`` matches one name, e.g. ``layers.*.attn.wq``); or, for a
-Hugging Face model, its own plan (``model._tp_plan``, which transformers merges from
-``config.base_model_tp_plan`` under ``base_model_prefix`` and the head's ``_tp_plan``), translated
+Hugging Face model, its own plan (``model.tp_plan``, which transformers merges from
+``config.base_model_tp_plan`` and the head's plan; see ``hf_adapter.py``), translated
 style by style: ``colwise``/``rowwise`` to ``ColwiseParallel``/``RowwiseParallel``,
 ``embedding_rowwise`` (the token embedding split by vocabulary rows) and
 ``colwise_gather_output`` (``lm_head``, logits gathered whole) to the same styles with replicated
@@ -42,6 +42,7 @@ import re
 from torch import nn
 
 from shipyard.errors import UserError
+from shipyard.parallel import hf_adapter
 
 log = logging.getLogger(__name__)
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
@@ -86,7 +87,7 @@ def _children(prefix: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _hf_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    classes = {c for m in model.modules() for c in (getattr(m, "_no_split_modules", None) or ())}
+    classes = hf_adapter.block_classes(model)
     for name, m in model.named_modules():
         kids = list(m.children())
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and kids and all(type(k).__name__ in classes for k in kids):
@@ -120,18 +121,11 @@ def tp_plan(model: nn.Module) -> dict:
     plan = getattr(model, "tp_plan", None)
     if callable(plan):
         return plan()
-    hf = getattr(model, "_tp_plan", None) or _prefixed_base_plan(model)
+    hf = hf_adapter.tp_plan(model)
     if hf:
         return _translate(hf)
     raise UserError(f"strategy tensor/hybrid: {type(model).__name__} declares no tensor-parallel plan; "
                     f"give it a method tp_plan() -> {{fqn: ParallelStyle}} (see jobs/lm/model.py)")
-
-
-def _prefixed_base_plan(model: nn.Module) -> dict:
-    base = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
-    prefix = getattr(model, "base_model_prefix", "")
-    prefix = f"{prefix}." if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
-    return {prefix + k: v for k, v in base.items()}
 
 
 def _translate(hf: dict[str, str]) -> dict:

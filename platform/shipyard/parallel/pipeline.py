@@ -10,11 +10,11 @@ arbitrary Python in the forward and needs no example input.
 The units (:func:`units`), in registration (= forward) order: for shipyard's own models the
 top-level modules, ``layers`` expanded into its blocks (a forward of the form ``h = m(h)`` then
 runs unchanged on a stage); for a Hugging Face model the modules of its own pipeline plan
-(``model._pp_plan``, which transformers declares for the decoders whose forward runs with other
+(``model.pp_plan``, which transformers declares for the decoders whose forward runs with other
 stages' modules replaced: the embedding, each decoder layer, the final norm, ``lm_head``),
 everything else (the rotary embedding, which every layer needs) kept on every stage. A Hugging
 Face model without such a plan (GPT-2: its forward adds position embeddings to ``inputs_embeds``)
-is refused. Stages begin at :func:`shipyard.parallel.model.split_points` (the model's declared
+is refused, and so is a model with BatchNorm (its statistics would be per microbatch). Stages begin at :func:`shipyard.parallel.model.split_points` (the model's declared
 points, else its blocks: an even split by block count). A parameter that two stages would hold
 (tied input/output embeddings split apart) is refused: each stage would train its own copy.
 
@@ -42,7 +42,6 @@ pipeline reads the same batches, so all of them build the same one at the same s
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +51,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from shipyard.errors import UserError
+from shipyard.parallel import hf_adapter
 from shipyard.parallel.activation_checkpoint import apply_activation_checkpoint
 from shipyard.parallel.mesh import device_mesh, parallel_dims
 from shipyard.parallel.model import blocks, set_block, split_points
@@ -66,17 +66,10 @@ class PassThrough(nn.Module):
         return args[0] if args else next(iter(kwargs.values()))
 
 
-def is_hf(model: nn.Module) -> bool:
-    """A transformers ``PreTrainedModel`` (transformers is never imported here: a model of its
-    classes can only exist once it was)."""
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
 def units(model: nn.Module) -> list[str]:
     """The modules a stage is cut from, in registration (= forward) order (module docstring)."""
-    if is_hf(model):
-        names = list(getattr(model, "_pp_plan", None) or {})
+    if hf_adapter.is_hf(model):
+        names = hf_adapter.pp_plan(model)
         if not names:
             raise UserError(f"strategy pipeline: the Hugging Face model {type(model).__name__} has no pipeline plan "
                             f"(config.base_model_pp_plan), so its forward is not known to run on one stage with "
@@ -92,15 +85,25 @@ def units(model: nn.Module) -> list[str]:
     out = []
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and (name == "layers" or is_hf(model)):
+        container = isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
+        if container and (name == "layers" or hf_adapter.is_hf(model)):
             out += [f"{name}.{n}" for n, _ in module.named_children()]
         else:
             out.append(name)
     return out
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def stage_bounds(model: nn.Module, stages: int, strategy=None) -> tuple[list[str], list[int]]:
     """``(units, cuts)``: stage ``s`` holds ``units[cuts[s]:cuts[s + 1]]``."""
+    norm = next((n for n, m in model.named_modules() if isinstance(m, BATCH_NORMS)), None)
+    if norm is not None:
+        raise UserError(f"strategy pipeline: {type(model).__name__}.{norm} is a BatchNorm, which under a pipeline "
+                        f"would normalise each microbatch by its own statistics and update its running statistics "
+                        f"once per microbatch: the model would train differently than under any other strategy; "
+                        f"use ddp or fsdp for it")
     order = units(model)
     cuts = [0]
     for point in split_points(model, stages, strategy):
@@ -248,7 +251,7 @@ def apply_pipeline(model: nn.Module, device: torch.device, optimizer_fn: Callabl
     if found:  # the blocks this stage kept (found on the whole model: a cut one may not look uniform)
         apply_activation_checkpoint(model, strategy, found=[(fqn, model.get_submodule(fqn)) for fqn, _ in found
                                                             if not isinstance(model.get_submodule(fqn), PassThrough)])
-    runs = HFStage(model, is_first=stage_index == 0, is_last=stage_index == stages - 1) if is_hf(model) else model
+    runs = HFStage(model, is_first=stage_index == 0, is_last=stage_index == stages - 1) if hf_adapter.is_hf(model) else model
     pp_group = mesh["pp"].get_group()
     model.shipyard_pipeline = Pipeline(lambda: PipelineStage(runs, stage_index, stages, device, group=pp_group),
                                        stages=stages, microbatches=strategy.microbatches,

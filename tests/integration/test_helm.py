@@ -224,6 +224,9 @@ def test_rbac_covers_what_the_backend_calls(helm):
         assert ("networking.k8s.io", "networkpolicies", verb) in rules
     for res in ("pods", "pods/log", "events"):
         assert ("", res, "get") in rules or ("", res, "list") in rules
+    for verb in ("create", "get", "patch", "delete"):  # each job's report Secret
+        assert ("", "secrets", verb) in rules
+    assert ("", "secrets", "list") not in rules  # no reading of every Secret in the namespace
     assert {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]} in objs["ClusterRole"]["rules"]
 
 

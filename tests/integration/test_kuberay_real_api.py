@@ -22,10 +22,11 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from shipyard.backends.base import BackendError, State
+from shipyard.backends.base import BackendError, JobEnv, State
 from shipyard.backends.kuberay import KubeRayBackend
 from shipyard.backends.kuberay_manifest import (
     GROUP, JOB_ID, MANAGED_BY, MAX_NAME, PLURAL, TENANT, VERSION, KubeRayConfig, NodePool, build_rayjob, rayjob_name,
+    report_secret_name,
 )
 from shipyard.packages import PackageStore
 from shipyard.spec import spec_from_dict
@@ -399,3 +400,36 @@ def test_without_the_network_policy_api_jobs_run_with_one_warning(k8s_api, ns, c
     op = Operator(k8s_api.api_client(), ns)
     for handle in handles:
         assert op.get(handle.split("/")[1])["metadata"]["uid"]  # created, and kept
+
+
+# -- the server's variables on the head (issue 21 item 2) ---------------------------------------
+
+def test_a_rayjob_with_the_servers_env_is_accepted_strictly(k8s_api, ns):
+    """The head container with the report URL and roots as values, the token and the tenant's
+    variables as secretKeyRefs and its preStop hook: the real server takes it under Strict and
+    stores it as sent. This server serves no Secrets (kmock covers them:
+    test_kuberay_reports.py), so the backend's submit stops at the Secret, naming what is missing,
+    and starts nothing."""
+    env = JobEnv(plain={"SHIPYARD_REPORT_URL": "http://shipyard.shipyard:8321/v1/jobs/job-env/report",
+                        "SHIPYARD_STORAGE_ROOTS": '[{"uri": "s3://team-a/", "writable": true}]'},
+                 secret={"SHIPYARD_REPORT_TOKEN": "shr_x.y", "AWS_SECRET_ACCESS_KEY": "k"})
+    be = backend(k8s_api, ns)
+    body = build_rayjob("job-env", spec_of({}), "team-a", be.config, env=env)
+    client.CustomObjectsApi(k8s_api.api_client()).create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, body, field_validation="Strict")
+    name = rayjob_name("job-env")
+    stored = Operator(k8s_api.api_client(), ns).get(name)
+    assert missing(body, stored) == []
+    head, = stored["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"] if "valueFrom" in e}
+    assert refs == {k: {"name": report_secret_name(name), "key": k} for k in env.secret}
+    assert head["lifecycle"]["preStop"]["exec"]["command"][:2] == ["/bin/sh", "-c"]
+    assert "shr_x.y" not in json.dumps(stored)
+    assert be.list_jobs() == {"job-env": f"{ns}/{name}"}
+
+    with pytest.raises(BackendError) as err:
+        be.submit("job-s", spec_of({}), "team-a", env=lambda submission: env)
+    assert str(err.value).startswith(f"cannot create Secret {ns}/{report_secret_name(rayjob_name('job-s'))}: "
+                                     "HTTP 404: the core v1 Secret API is not served here"), str(err.value)
+    assert "needs a full Kubernetes API server" in str(err.value)
+    assert list(be.list_jobs()) == ["job-env"]  # no RayJob without its Secret

@@ -28,7 +28,7 @@ class KueueBackend:
     def capacity(self):
         raise AssertionError("with Kueue admitting, shipyard must not gate on its own capacity view")
 
-    def submit(self, job_id, spec, tenant, run=1):
+    def submit(self, job_id, spec, tenant, run=1, env=None):
         self.submitted.append(job_id)
         return f"ns/{job_id}"
 

@@ -22,7 +22,7 @@ class ForgetfulHead:
     def __init__(self):
         self.known: list[str] = []
 
-    def submit(self, job_id, spec, tenant, run=1):
+    def submit(self, job_id, spec, tenant, run=1, env=None):
         handle = f"shipyard-{job_id}-{max(len(self.known) + 1, run)}"
         self.known.append(handle)
         return handle

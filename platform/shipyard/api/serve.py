@@ -139,25 +139,35 @@ def tenant_env(data_dir: Path, tenant: str) -> dict[str, str]:
     return out
 
 
-def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Path, store=None, policy=None,
-                 packages=None):
-    """The backend and, when it runs on a local Ray head (no ``--ray-address``), that head (else None).
-
-    What a job's environment holds is an allowlist (:func:`job_env`): its report URL and the
-    token bound to this job and run, its tenant's storage roots (the driver checks the spec
-    against them again) and its tenant's own variables; never the server's environment."""
+def make_job_env(key: bytes, public_url: str, data_dir: Path, store=None, policy=None):
+    """``job_env(job_id, submission)``: the server's part of one run's environment, the same for
+    every backend (:class:`~shipyard.backends.base.JobEnv`). An allowlist: its report URL, its
+    tenant's storage roots (the driver checks the spec against them again), and, secret, the
+    report token bound to this job and run and its tenant's own variables (its S3 credentials,
+    say); never the server's environment. A tenant variable cannot replace one of the server's."""
     from shipyard.api.auth import report_token
+    from shipyard.backends.base import DRIVER_ENV_NAMES, DRIVER_PIDFILE_ENV, SPEC_ENV, JobEnv
     from shipyard.scopes import ROOTS_ENV, to_env
 
-    def job_env(job_id: str, submission: str) -> dict[str, str]:
-        tenant = store.get_job(job_id).tenant if store is not None else DEFAULT_TENANT
-        env = {**tenant_env(data_dir, tenant),
-               "SHIPYARD_REPORT_URL": f"{public_url}/v1/jobs/{job_id}/report",
-               "SHIPYARD_REPORT_TOKEN": report_token(key, job_id, submission)}
-        if policy is not None and store is not None:
-            env[ROOTS_ENV] = to_env(policy.roots(store.get_tenant(tenant)), policy.allow_local)
-        return env
+    # Set by the backends themselves (base.driver_env, the spec): a tenant's env file cannot change them.
+    reserved = {"SHIPYARD_REPORT_TOKEN", SPEC_ENV, DRIVER_PIDFILE_ENV, *DRIVER_ENV_NAMES}
 
+    def job_env(job_id: str, submission: str) -> JobEnv:
+        tenant = store.get_job(job_id).tenant if store is not None else DEFAULT_TENANT
+        plain = {"SHIPYARD_REPORT_URL": f"{public_url}/v1/jobs/{job_id}/report"}
+        if policy is not None and store is not None:
+            plain[ROOTS_ENV] = to_env(policy.roots(store.get_tenant(tenant)), policy.allow_local)
+        secret = {k: v for k, v in tenant_env(data_dir, tenant).items() if k not in plain and k not in reserved}
+        secret["SHIPYARD_REPORT_TOKEN"] = report_token(key, job_id, submission)
+        return JobEnv(plain=plain, secret=secret)
+
+    return job_env
+
+
+def make_backend(opts: ServerOptions, data_dir: Path, packages=None):
+    """The backend and, when it runs on a local Ray head (no ``--ray-address``), that head (else
+    None). The run's environment is not the backend's: the loop hands it over at each submit
+    (:func:`make_job_env`)."""
     if opts.backend == "kuberay":
         from shipyard.backends.kuberay import KubeRayBackend
 
@@ -188,7 +198,7 @@ def make_backend(opts: ServerOptions, key: bytes, public_url: str, data_dir: Pat
     from shipyard.backends.ray import RayBackend, wait_for_head
 
     wait_for_head(address)
-    return RayBackend(address, job_env=job_env, forward_env=False, packages=packages), head
+    return RayBackend(address, forward_env=False, packages=packages), head
 
 
 class EndStreamsOnShutdown:
@@ -307,9 +317,10 @@ def serve(opts: ServerOptions, say=print) -> None:
     host = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "") else opts.host
     public_url = (opts.public_url or os.environ.get("SHIPYARD_PUBLIC_URL") or f"http://{host}:{opts.port}").rstrip("/")
     packages = PackageStore.open(opts.package_store, data_dir, PackageLimits(max_bytes=int(opts.max_package_mb * MiB)))
-    backend, head = make_backend(opts, key, public_url, data_dir, store, policy, packages=packages)
+    backend, head = make_backend(opts, data_dir, packages=packages)
     lock = leader.for_store(store.engine.url, data_dir)
-    loop = SchedulerLoop(store, backend, interval_s=opts.interval_s, leadership=lock)
+    loop = SchedulerLoop(store, backend, interval_s=opts.interval_s, leadership=lock,
+                         job_env=make_job_env(key, public_url, data_dir, store, policy))
     from shipyard.api.log_archive import LogArchive
 
     app = create_app(store, backend, loop, packages=packages, logs=LogArchive(data_dir / "logs"),

@@ -8,6 +8,14 @@ is :func:`map_status` (pure too).
 
 Calls are synchronous (the official client is); the server's loop runs them in a thread. Every
 call has a timeout, so a hung API server delays a poll but never blocks it forever.
+
+The driver reports to the server like a local one: ``submit`` gets the server's variables for the
+run (:class:`~shipyard.backends.base.JobEnv`, bound to the handle ``namespace/name``, which is
+what the server stores and checks reports against). Their secret part (the report token) goes in
+a Secret named after the RayJob, created *before* it (a head pod never starts without it) and
+then given the RayJob as owner, so Kubernetes deletes it with the RayJob (cancel, TTL). A RayJob
+create that fails deletes the Secret again; an owner patch that fails deletes both; a resubmit
+that finds the RayJob (409) rewrites the Secret and owner and re-attaches.
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ import yaml
 from kubernetes import client, config as kube_config
 from kubernetes.client.exceptions import ApiException
 
-from shipyard.backends.base import BackendError, BackendStatus, Capacity, Handle, State
+from shipyard.backends.base import BackendError, BackendStatus, Capacity, EnvFor, Handle, State, no_env
 from shipyard.backends.kuberay_isolation import NP_GROUP, NP_PLURAL, NP_VERSION, network_policy, owned_by
 from shipyard.backends.kuberay_manifest import (
     GROUP, JOB_ID, KUEUE_QUEUE, MANAGED_BY, PLURAL, RAYJOB, VERSION, KubeRayConfig, Resources, build_rayjob,
-    node_allocatable, rayjob_name, rayjob_requests,
+    namespace_of, node_allocatable, owner_reference, rayjob_name, rayjob_requests, report_secret,
 )
 from shipyard.errors import SpecError
 from shipyard.spec import JobSpec
@@ -62,6 +70,7 @@ PODS = KubeApi("", "v1", "pods", "the core v1 Pod API", grant="the chart's Role 
 POD_LOGS = KubeApi("", "v1", "pods/log", "the core v1 Pod API", grant="the chart's Role (rbac.create)")
 NETWORK_POLICIES = KubeApi(NP_GROUP, NP_VERSION, NP_PLURAL, f"the {NP_GROUP}/{NP_VERSION} NetworkPolicy API",
                            grant="the chart's Role (rbac.create), in every tenant namespace")
+SECRETS = KubeApi("", "v1", "secrets", "the core v1 Secret API", grant="the chart's Role (rbac.create)")
 
 KUEUE_WAITING = "KueueAdmission"
 PENDING_DEPLOYMENT = ("", "New", "Initializing", "Waiting")
@@ -192,8 +201,9 @@ class KubeRayBackend:
         self.check_package(spec)
         build_rayjob("check", spec, "check", self.config)
 
-    def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1) -> Handle:
-        """One RayJob per job (its name is the job's): a requeued job's next run replaces it."""
+    def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1, env: EnvFor = no_env) -> Handle:
+        """One RayJob per job (its name is the job's): a requeued job's next run replaces it.
+        With secret variables (the report token), their Secret first (see the module docstring)."""
         package_uri = None
         if spec.package is not None:
             try:
@@ -201,11 +211,16 @@ class KubeRayBackend:
             except SpecError as e:
                 raise BackendError(f"job {job_id}: {e}") from None
             package_uri = self.packages.path_or_uri(tenant, spec.package)
+        ns, name = namespace_of(self.config, tenant), rayjob_name(job_id)
+        handle = f"{ns}/{name}"
+        job_env = env(handle)
         try:
-            body = build_rayjob(job_id, spec, tenant, self.config, package_uri=package_uri)
-        except SpecError as e:  # a job queued before the server's config changed: fails its submit
+            body = build_rayjob(job_id, spec, tenant, self.config, package_uri=package_uri, env=job_env)
+            secret = report_secret(body, job_env) if job_env.secret else None
+        except (SpecError, ValueError) as e:  # a job queued before the server's config changed: fails its submit
             raise BackendError(f"job {job_id}: {e}") from None
-        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if secret is not None:
+            self._put_secret(job_id, secret)
         try:
             # Strict: a field the installed CRD does not know fails the submit, naming the field,
             # instead of being dropped silently (the server's default since 1.27 only warns).
@@ -213,14 +228,31 @@ class KubeRayBackend:
                                                                    field_validation="Strict", _request_timeout=TIMEOUT_S)
         except ApiException as e:
             if e.status != 409:
-                raise self._error(f"create RayJob {ns}/{name}", e, RAYJOBS, "create") from e
+                if secret is not None:  # this job's (_put_secret checked), and no RayJob of its own
+                    self._delete_secret(ns, secret["metadata"]["name"])
+                raise self._error(f"create RayJob {ns}/{name}", e, RAYJOBS, "create", ns) from e
             existing = self._get(ns, name)
             owner = ((existing or {}).get("metadata", {}).get("annotations") or {}).get(JOB_ID)
             if owner != job_id:
+                if secret is not None:  # this job's (_put_secret checked), and no RayJob of its own
+                    self._delete_secret(ns, secret["metadata"]["name"])
                 raise BackendError(f"RayJob {ns}/{name} already exists for job {owner!r}, not {job_id!r}") from e
-            created = existing
+            if secret is not None:
+                self._own_secret(secret, existing)  # failing, the next submit tries again
+            self._isolate(body, ((existing or {}).get("metadata") or {}).get("uid"))
+            return handle
+        if secret is not None:
+            try:
+                self._own_secret(secret, created)
+            except BackendError:
+                try:
+                    self._delete(ns, name)  # nothing of a failed submit is left behind
+                except BackendError as e:
+                    log.warning("%s; RayJob %s stays until it is deleted by hand", e, handle)
+                self._delete_secret(ns, secret["metadata"]["name"])
+                raise
         self._isolate(body, ((created or {}).get("metadata") or {}).get("uid"))
-        return f"{ns}/{name}"
+        return handle
 
     def status(self, handle: Handle) -> BackendStatus:
         ns, name = self._split(handle)
@@ -390,6 +422,56 @@ class KubeRayBackend:
                     raise self._error(f"delete NetworkPolicy {ns}/{name}", e, NETWORK_POLICIES, "delete", ns) from e
         raise BackendError(f"cannot create NetworkPolicy {ns}/{name}: it keeps being recreated by someone else")
 
+    def _put_secret(self, job_id: str, secret: dict[str, Any]) -> None:
+        """Create the job's report Secret, or bring one left by an earlier submit of this job up
+        to date (its data replaced). A Secret of that name that is not this job's is never touched."""
+        ns, name = secret["metadata"]["namespace"], secret["metadata"]["name"]
+        try:
+            self._core.create_namespaced_secret(ns, secret, _request_timeout=TIMEOUT_S)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise self._error(f"create Secret {ns}/{name}", e, SECRETS, "create", ns) from e
+        try:
+            current = self._api.sanitize_for_serialization(
+                self._core.read_namespaced_secret(name, ns, _request_timeout=TIMEOUT_S))
+        except ApiException as e:
+            raise self._error(f"get Secret {ns}/{name}", e, SECRETS, "get", ns) from e
+        holder = ((current.get("metadata") or {}).get("annotations") or {}).get(JOB_ID)
+        if holder != job_id:
+            raise BackendError(f"Secret {ns}/{name} already exists for job {holder!r}, not {job_id!r}; "
+                               "shipyard does not overwrite it")
+        stale = {k: None for k in current.get("data") or {} if k not in secret["data"]}
+        patch = {"metadata": {"labels": secret["metadata"]["labels"], "annotations": secret["metadata"]["annotations"]},
+                 "data": {**stale, **secret["data"]}}
+        self._patch_secret(ns, name, patch)
+
+    def _own_secret(self, secret: dict[str, Any], rayjob: dict[str, Any] | None) -> None:
+        """Make the RayJob the Secret's owner: Kubernetes then deletes it with the RayJob."""
+        ns, name = secret["metadata"]["namespace"], secret["metadata"]["name"]
+        try:
+            ref = owner_reference(rayjob or {"metadata": {}})
+        except ValueError as e:
+            raise BackendError(f"cannot make Secret {ns}/{name} owned by its RayJob: {e}") from None
+        self._patch_secret(ns, name, {"metadata": {"ownerReferences": [ref]}})
+
+    def _patch_secret(self, ns: str, name: str, patch: dict[str, Any]) -> None:
+        try:
+            self._core.patch_namespaced_secret(name, ns, patch, _request_timeout=TIMEOUT_S)
+        except ApiException as e:
+            raise self._error(f"patch Secret {ns}/{name}", e, SECRETS, "patch", ns) from e
+
+    def _delete_secret(self, ns: str, name: str) -> None:
+        """Best effort, on a failed submit's way out (its own error is the one raised)."""
+        try:
+            self._core.delete_namespaced_secret(name, ns, _request_timeout=TIMEOUT_S)
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("%s; the Secret stays until it is deleted by hand",
+                            self._error(f"delete Secret {ns}/{name}", e, SECRETS, "delete", ns))
+        except Exception as e:  # noqa: BLE001 - a connection error must not hide the submit's own
+            log.warning("cannot delete Secret %s/%s (%s); it stays until it is deleted by hand", ns, name, e)
+
     def _list_rayjobs(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         for ns in sorted({self.config.namespace, *self.config.namespaces.values()}):  # every tenant's
@@ -436,6 +518,8 @@ class KubeRayBackend:
             hint = f"{api.what} is not served here ({api.group or 'core'}/{api.version} has no {api.resource})"
             if api is RAYJOBS:
                 hint += ": install the KubeRay operator and its CRDs"
+            elif api is SECRETS:
+                hint += ": each job's report token is kept in a Secret, which needs a full Kubernetes API server"
             elif api is NODES:
                 hint += (f": capacity reads nodes from a full Kubernetes API server, with the RBAC rule "
                          f"{{{api.rule('list')}}} ({api.grant} grants it)")

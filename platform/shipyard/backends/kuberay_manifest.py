@@ -22,6 +22,22 @@ CRD schema without a cluster. Shape of the RayJob:
 - GPU workers go to a node pool (nodeSelector, tolerations, affinity) from the server config;
 - S3 credentials come from a Secret through ``envFrom`` on every container: the tenant's own
   (``s3_secrets``) or the shared one (``s3_secret``);
+- the server's variables for the run (:class:`~shipyard.backends.base.JobEnv`) go on the head
+  container only, where the driver runs: ``plain`` ones (report URL, storage roots) as values,
+  ``secret`` ones (the report token, the tenant's own variables) as ``secretKeyRef`` of the
+  job's report Secret (:func:`report_secret`, named ``<rayjob>-report``, labelled like the
+  RayJob and owned by it, so Kubernetes deletes it with the RayJob): nothing secret is in the
+  RayJob. The driver forwards what its workers need (``SHIPYARD_*``, ``AWS_*``) through Ray;
+- values shipyard computes (the spec, the server's variables) are escaped for the kubelet, which
+  would otherwise expand ``$(NAME)`` in them; the config's own ``env`` is passed as written;
+- stopping the driver: ``RAY_JOB_STOP_SIGNAL=SIGINT`` on the head container reaches Ray's job
+  supervisor (KubeRay stops the Ray job when the RayJob is deleted), see
+  :func:`~shipyard.backends.base.driver_env`. An evicted or deleted head pod is another path:
+  the kubelet signals only the container's PID 1 (``ray start --block``, which tears Ray down
+  and with it the driver, SIGKILLed by its supervisor's watcher), never the driver. So the head
+  container has a ``preStop`` hook (:data:`PRESTOP`) that sends the driver, found through its
+  pid file, the same SIGINT and waits for it to exit: its workers checkpoint, it reports the
+  run preempted, and only then does Kubernetes SIGTERM PID 1. The grace period covers both;
 - the job's code: with ``package_uri`` (the uploaded code package in object storage), the
   RayJob's ``runtimeEnvYAML`` makes it the job's ``working_dir``, every pod downloads and unpacks
   it, and the driver's spec says ``workdir: .``; without one the spec's ``workdir`` is used as
@@ -33,6 +49,7 @@ and fall back to the config: ``image``, ``workers.memory``, ``workers.pool``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import re
@@ -43,7 +60,9 @@ from typing import Any, Literal
 import yaml
 
 from shipyard.scheduler.snapshot import Resources  # the scheduler's unit: cpus, gpus, memory bytes
-from shipyard.backends.base import SPEC_ENV, entrypoint_command, spec_json
+from shipyard.backends.base import (
+    DRIVER_ENV_NAMES, DRIVER_PIDFILE_ENV, SPEC_ENV, JobEnv, driver_env, entrypoint_command, spec_json,
+)
 from shipyard.errors import SpecError
 from shipyard.spec import JobSpec, is_remote_uri
 
@@ -69,6 +88,18 @@ MAX_NAME = 47  # KubeRay: RayJob names longer than this fail validation (cluster
 MAX_SELECTOR_LABELS = 16
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+MAX_SECRET_BYTES = 256 * 1024  # Kubernetes refuses a Secret over 1 MiB; a job's variables are a few KiB
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,252}")  # a portable variable name, also a valid Secret key
+DRIVER_PIDFILE = "/tmp/shipyard-driver.pid"  # written by the driver (runtime/report.py), read by PRESTOP
+# The head container's preStop hook: the driver's own stop (SIGINT, as Ray's supervisor sends it),
+# then wait until it has exited. The pid file holds "<pid> <start time>" (field 22 of
+# /proc/<pid>/stat): a pid the driver left behind that now names another process, or none, is
+# left alone. POSIX sh builtins only (the image need not have procps).
+PRESTOP = (f'f="${{{DRIVER_PIDFILE_ENV}:-}}"; [ -n "$f" ] && [ -r "$f" ] || exit 0; '
+           'read -r pid start < "$f"; case "$pid.$start" in .*|*.|*[!0-9.]*) exit 0;; esac; '
+           'alive() { read -r s 2>/dev/null < "/proc/$pid/stat" || return 1; s=${s##*) }; '
+           'set -- $s; [ "${20}" = "$start" ]; }; '
+           'alive || exit 0; kill -INT "$pid" 2>/dev/null || exit 0; while alive; do sleep 1; done')
 
 
 @dataclass(frozen=True)
@@ -198,6 +229,32 @@ def label_value(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+$", "", v)
 
 
+def report_secret_name(rayjob: str) -> str:
+    """The job's report Secret: the RayJob's name (at most 47) and ``-report``."""
+    return f"{rayjob}-report"
+
+
+def k8s_literal(value: str) -> str:
+    """``value`` as a container env value the kubelet leaves as is: it expands ``$(NAME)`` and
+    reduces ``$$`` to ``$``, so every ``$`` is doubled."""
+    return value.replace("$", "$$")
+
+
+def check_job_env(env: JobEnv) -> None:
+    """ValueError unless the server's variables can travel as env values and Secret keys."""
+    fixed = {SPEC_ENV, DRIVER_PIDFILE_ENV, *DRIVER_ENV_NAMES}
+    for name in (*env.plain, *env.secret):
+        if not ENV_NAME.fullmatch(name):
+            raise ValueError(f"job env: variable {name[:100]!r} is not a valid name (letters, digits and _, "
+                             "not starting with a digit, at most 253): check the tenant's env file")
+        if name in fixed:
+            raise ValueError(f"job env: {name} is set by the backend itself")
+    size = sum(len(k) + len(v.encode()) for k, v in env.secret.items())
+    if size > MAX_SECRET_BYTES:
+        raise ValueError(f"job env: the secret variables are {size} bytes; at most {MAX_SECRET_BYTES} "
+                         "(check the tenant's env file)")
+
+
 def check_spec(spec: JobSpec) -> None:
     """Pods cannot read the submitter's local paths: data and checkpoints must be object storage."""
     uris = {"dataset.uri": spec.dataset.uri, "dataset.eval_uri": spec.dataset.eval_uri,
@@ -230,13 +287,20 @@ def _cpu(value: float) -> str:
 
 
 def _pod(config: KubeRayConfig, *, name: str, image: str, resources: dict, pool: NodePool,
-         labels: dict[str, str], env: dict[str, str], grace_s: int, s3_secret: str | None) -> dict[str, Any]:
+         labels: dict[str, str], env: dict[str, str], grace_s: int, s3_secret: str | None,
+         secret_env: tuple[str, tuple[str, ...]] | None = None, pre_stop: str | None = None) -> dict[str, Any]:
+    """``secret_env``: (Secret name, the variables read from it, one key each)."""
     container: dict[str, Any] = {
         "name": name, "image": image, "imagePullPolicy": config.image_pull_policy,
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": dict(CONTAINER_SECURITY),
     }
+    if secret_env is not None:
+        secret, names = secret_env
+        container["env"] += [{"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in names]
+    if pre_stop is not None:
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", pre_stop]}}}
     if s3_secret:
         container["envFrom"] = [{"secretRef": {"name": s3_secret}}]
     spec: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": grace_s,
@@ -258,11 +322,14 @@ def _pod(config: KubeRayConfig, *, name: str, image: str, resources: dict, pool:
 
 
 def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig,
-                 package_uri: str | None = None) -> dict[str, Any]:
+                 package_uri: str | None = None, env: JobEnv | None = None) -> dict[str, Any]:
     """The RayJob object for one admitted job (a plain dict, ready for the API). ``package_uri``:
-    where the job's code package is (an ``s3://`` URI the pods can read), if it has one."""
+    where the job's code package is (an ``s3://`` URI the pods can read), if it has one. ``env``:
+    the server's variables for the run (its secret part read from :func:`report_secret`)."""
     check_spec(spec)
-    env = dict(config.env)
+    job_env = env if env is not None else JobEnv()
+    check_job_env(job_env)
+    env = dict(config.env)  # worker pods: the admin's variables only
     if package_uri is not None:
         if not is_remote_uri(package_uri):
             raise ValueError(f"package_uri: got {package_uri!r}; pods can only fetch a package from object storage")
@@ -281,9 +348,16 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig,
     pod_labels = {**labels, RAYJOB: name}
     grace_s = math.ceil(spec.checkpoint.preemption_grace_s if spec.checkpoint else 0) + GRACE_MARGIN_S
     worker_resources = {"cpu": _cpu(w.cpus), "memory": memory, **({GPU: str(gpus)} if gpus else {})}
+    ns = namespace_of(config, tenant)
+    head_env = {k: v for k, v in env.items() if k not in job_env.secret}
+    head_env.update({k: k8s_literal(v) for k, v in {
+        **job_env.plain, SPEC_ENV: spec_json(spec), **driver_env(job_id, f"{ns}/{name}", spec),
+        DRIVER_PIDFILE_ENV: DRIVER_PIDFILE}.items()})
+    secret_env = (report_secret_name(name), tuple(job_env.secret)) if job_env.secret else None
     head = _pod(config, name="ray-head", image=image, pool=_pool(config, config.cpu_pool), labels=pod_labels,
                 resources={"cpu": config.head_cpus, "memory": config.head_memory},
-                env={**env, SPEC_ENV: spec_json(spec)}, grace_s=grace_s, s3_secret=s3_secret_of(config, tenant))
+                env=head_env, grace_s=grace_s, s3_secret=s3_secret_of(config, tenant), secret_env=secret_env,
+                pre_stop=PRESTOP)
     worker = _pod(config, name="ray-worker", image=image, pool=pool, labels=pod_labels,
                   resources=worker_resources, env=env, grace_s=grace_s, s3_secret=s3_secret_of(config, tenant))
     worker_params = {"num-cpus": str(math.ceil(w.cpus)), **({"num-gpus": str(gpus)} if gpus else {})}
@@ -318,10 +392,35 @@ def build_rayjob(job_id: str, spec: JobSpec, tenant: str, config: KubeRayConfig,
         job_spec["runtimeEnvYAML"] = yaml.safe_dump({"working_dir": package_uri}, sort_keys=True)
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
-        "metadata": {"name": name, "namespace": namespace_of(config, tenant), "labels": labels,
+        "metadata": {"name": name, "namespace": ns, "labels": labels,
                      "annotations": {JOB_ID: job_id, TENANT: tenant}},
         "spec": job_spec,
     }
+
+
+def report_secret(rayjob: dict[str, Any], env: JobEnv) -> dict[str, Any]:
+    """The Secret that holds ``env.secret`` for the head container of ``rayjob`` (as
+    :func:`build_rayjob` made it): one key per variable, in the RayJob's namespace, with its
+    labels (Kueue's aside: it admits workloads, not Secrets) and annotations. Its owner
+    reference is added once the RayJob exists (:func:`owner_reference`)."""
+    check_job_env(env)
+    meta = rayjob["metadata"]
+    labels = {k: v for k, v in meta["labels"].items() if k != KUEUE_QUEUE}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": report_secret_name(meta["name"]), "namespace": meta["namespace"],
+                         "labels": labels, "annotations": dict(meta.get("annotations") or {})},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in env.secret.items()}}
+
+
+def owner_reference(rayjob: dict[str, Any]) -> dict[str, Any]:
+    """What makes a dependent (the report Secret) go with the RayJob: Kubernetes' garbage
+    collector deletes it once the RayJob is gone. Needs the uid the API server gave the RayJob.
+    No ``blockOwnerDeletion``: it would need update on rayjobs/finalizers, and nothing waits on
+    the Secret."""
+    meta = rayjob["metadata"]
+    if not meta.get("uid"):
+        raise ValueError(f"RayJob {meta.get('name')}: no metadata.uid (not an object the API server returned)")
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "name": meta["name"], "uid": meta["uid"]}
 
 
 def quantity(value: Any) -> Decimal:

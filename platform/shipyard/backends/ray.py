@@ -31,11 +31,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shipyard.backends.base import SPEC_ENV, BackendError, BackendStatus, Capacity, Handle, State, entrypoint_command
+from shipyard.backends.base import (
+    SPEC_ENV, BackendError, BackendStatus, Capacity, EnvFor, Handle, State, driver_env, entrypoint_command, no_env,
+)
 from shipyard.config import forwarded_env
 from shipyard.runtime import ray_adapter
 from shipyard.spec import JobSpec
@@ -43,7 +45,6 @@ from shipyard.spec import JobSpec
 JOB_ID_KEY = "shipyard.io/job-id"
 TENANT_KEY = "shipyard.io/tenant"
 PREFIX = "shipyard-"
-STOP_MARGIN_S = 30
 TIMEOUT_S = 15
 
 _STATES = {"PENDING": State.PENDING, "RUNNING": State.RUNNING, "SUCCEEDED": State.SUCCEEDED,
@@ -83,19 +84,17 @@ def dashboard_url(address: str) -> str:
 class RayBackend:
     """:class:`~shipyard.backends.base.Backend` on a Ray head. Handles are submission ids.
 
-    ``job_env(job_id, submission)`` adds per-job variables (the progress report URL and token);
     ``packages`` is where uploaded code packages are (None: jobs with a package are refused).
+    The server's per-run variables (report URL and token, roots) come with each ``submit``.
     """
 
     name = "ray"
 
-    def __init__(self, address: str, job_env: Callable[[str, str], dict[str, str]] = lambda j, s: {},
-                 forward_env: bool = True, packages=None):
+    def __init__(self, address: str, forward_env: bool = True, packages=None):
         from ray.job_submission import JobSubmissionClient
 
         self.address = address
         self.url = dashboard_url(address)
-        self._job_env = job_env
         self._forward_env = forward_env
         self._packages = packages
         try:
@@ -110,7 +109,7 @@ class RayBackend:
 
     # -- Backend -------------------------------------------------------------------------------
 
-    def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1) -> Handle:
+    def submit(self, job_id: str, spec: JobSpec, tenant: str, run: int = 1, env: EnvFor = no_env) -> Handle:
         existing = self._submissions(job_id)
         for details in existing:
             if not _STATES.get(str(details.status), State.FAILED).terminal:
@@ -119,18 +118,14 @@ class RayBackend:
         submission = f"{PREFIX}{job_id}-{max(len(existing) + 1, run)}"
         runtime_env: dict = {"working_dir": self._working_dir(job_id, spec, tenant)} if spec.package else {}
         moved = spec.model_copy(update={"workdir": "."})
-        env = {**(forwarded_env() if self._forward_env else {}), **self._job_env(job_id, submission),
-               SPEC_ENV: moved.model_dump_json(), "SHIPYARD_JOB_ID": job_id, "SHIPYARD_SUBMISSION": submission}
-        grace = spec.checkpoint.preemption_grace_s if spec.checkpoint else 0
-        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(grace + STOP_MARGIN_S))
-        # SIGINT, not Ray's default SIGTERM: a Ray driver's core worker installs a C++ SIGTERM
-        # handler that exits at once, over any Python handler; SIGINT reaches ours.
-        env["RAY_JOB_STOP_SIGNAL"] = "SIGINT"
+        # Both parts of the server's variables: a Ray cluster is one trust domain (check_trust).
+        env_vars = {**(forwarded_env() if self._forward_env else {}), **env(submission).merged(),
+                    SPEC_ENV: moved.model_dump_json(), **driver_env(job_id, submission, spec)}
         try:
             self.client.submit_job(
                 entrypoint=self._driver_exports() + entrypoint_command(job_id),
                 submission_id=submission,
-                runtime_env={**runtime_env, "env_vars": env},
+                runtime_env={**runtime_env, "env_vars": env_vars},
                 metadata={JOB_ID_KEY: job_id, TENANT_KEY: tenant, "name": spec.name},
             )
         except Exception as e:  # noqa: BLE001 - the Jobs client raises RuntimeError for HTTP errors

@@ -13,8 +13,9 @@ events are sent once each; attempts, step and checkpoint are sent whole, so a lo
 The server being down never fails the job: a failed post is retried with the next one.
 
 Stop requests: the backend stops a run by signalling the driver: SIGINT from Ray's ``stop_job``
-(the ray backend sets ``RAY_JOB_STOP_SIGNAL=SIGINT``: a Ray driver's core worker installs a C++
-SIGTERM handler that exits at once), SIGTERM from a pod's deletion. The handler (which only notes the time and starts a thread) is installed at
+(both backends set ``RAY_JOB_STOP_SIGNAL=SIGINT``: a Ray driver's core worker installs a C++
+SIGTERM handler that exits at once), SIGINT from the kuberay head pod's preStop hook (below),
+SIGTERM from anything else. The handler (which only notes the time and starts a thread) is installed at
 the first progress callback, i.e. after ``ray.init``. The workers are other processes, started by
 Ray, so the driver sends SIGTERM to every training worker of its Ray job (:func:`signal_workers`); each turns it into a
 checkpoint (:mod:`shipyard.runtime.preemption`). Once an attempt has ended ``preempted`` after the
@@ -27,6 +28,11 @@ A user's own ``shipyard run`` (no server) handles the same two signals the same 
 committed (or there is nothing to save, or the grace period is over) the launcher's main thread
 raises :class:`Interrupted`, so a private Ray is shut down on the way out, and the CLI exits 130
 (SIGINT) or 143. A second Ctrl-C exits at once, without waiting for the checkpoint.
+
+On Kubernetes the kubelet never signals the driver itself (only the head container's PID 1,
+``ray start --block``): the head's preStop hook does, with the same SIGINT, finding the driver
+through the pid file it writes when ``SHIPYARD_DRIVER_PIDFILE`` is set (see
+:mod:`shipyard.backends.kuberay_manifest`).
 
 Outcome: the last report carries how the run ended as a :class:`~shipyard.run.records.RunOutcome`,
 decided here from what the driver saw (:func:`shipyard.run.decide.outcome_of`), so that the server
@@ -46,6 +52,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Iterator
 
+from shipyard.backends.base import DRIVER_PIDFILE_ENV
 from shipyard.run.decide import outcome_of
 from shipyard.run.records import REPORT_SCHEMA, AttemptKind, DriverReport, MetricPoint, OutcomeReport, RunOutcome, RunSnapshot
 from shipyard.runtime.ray_adapter import TRAIN_WORKER_CLASS
@@ -376,8 +383,26 @@ def session(spec: JobSpec, env: dict[str, str] | None = None) -> Iterator[Sessio
                 env.get("SHIPYARD_SUBMISSION"))
     if s.active:  # a user's own run arms it after ray.init (first progress callback): before, Ctrl-C just quits
         s.install_stop_handler()
+        write_pidfile(env.get(DRIVER_PIDFILE_ENV))
     s.start()
     yield s
+
+
+def write_pidfile(path: str | None) -> None:
+    """``<pid> <start time>`` of this process in ``path`` (the start time, field 22 of
+    /proc/<pid>/stat, tells the reader a reused pid from ours); replaced whole, so a reader
+    never sees half of it. A failure is logged, not raised: only the preStop stop path needs it."""
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open("/proc/self/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()} {start}\n")
+        os.replace(tmp, path)
+    except (OSError, IndexError) as e:
+        log.warning("cannot write the driver's pid file %s (%s): a pod deletion will not stop the run cleanly", path, e)
 
 
 def chain(*callbacks: Callable[[RunSnapshot], None]) -> Callable[[RunSnapshot], None]:

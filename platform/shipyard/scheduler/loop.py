@@ -27,8 +27,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
-from shipyard.backends.base import Backend, BackendError, State
+from shipyard.backends.base import Backend, BackendError, JobEnv, State, no_env
 from shipyard.run.records import AttemptKind, RunOutcome
 from shipyard.scheduler.decide import Admission, Decisions, Policy, decide
 from shipyard.scheduler.leader import RETRY_S as LEADER_RETRY_S, Leadership, Sole
@@ -92,8 +93,11 @@ def request_of(job: Job) -> JobRequest:
 class SchedulerLoop:
     def __init__(self, store: Store, backend: Backend, *, interval_s: float = 2.0, policy: Policy = Policy(),
                  max_requeues: int = 3, on_tick: Callable[[float, Decisions | None], None] = lambda s, d: None,
-                 leadership: Leadership | None = None):
+                 leadership: Leadership | None = None, job_env: Callable[[str, str], JobEnv] | None = None):
+        """``job_env(job_id, submission)``: the server's variables for a run's driver (report URL
+        and token, roots; ``api.serve.make_job_env``), handed to the backend at each submit."""
         self.store, self.backend = store, backend
+        self.job_env = job_env
         self.leadership: Leadership = leadership if leadership is not None else Sole()
         self.interval_s, self.policy, self.max_requeues = interval_s, policy, max_requeues
         self.on_tick = on_tick
@@ -229,7 +233,8 @@ class SchedulerLoop:
         if now - last < SUBMIT_RETRY_S:
             return
         try:
-            handle = self.backend.submit(job.id, JobSpec.model_validate(job.spec), job.tenant, run=job.runs + 1)
+            env = partial(self.job_env, job.id) if self.job_env is not None else no_env
+            handle = self.backend.submit(job.id, JobSpec.model_validate(job.spec), job.tenant, run=job.runs + 1, env=env)
         except BackendError as e:
             self._submit_failures[job.id] = (first, time.monotonic())
             log.warning("submit %s failed (retrying for %.0fs more): %s", job.id,

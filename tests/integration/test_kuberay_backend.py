@@ -25,7 +25,7 @@ from shipyard.errors import SpecError
 from shipyard.packages import PackageStore
 from shipyard.spec import spec_from_dict
 
-pytest.importorskip("kmock")
+pytest.importorskip("kmock", reason="kmock (a fake Kubernetes API for pods, events, nodes and Secrets) is a dev dependency: pip install -e '.[dev]'")
 pytestmark = pytest.mark.asyncio
 
 NS = "training"

@@ -37,7 +37,7 @@ from shipyard.backends.kuberay import KubeRayBackend
 from shipyard.backends.kuberay_manifest import JOB_ID, KubeRayConfig, rayjob_name, report_secret_name
 from shipyard.spec import spec_from_dict
 
-pytest.importorskip("kmock")
+pytest.importorskip("kmock", reason="kmock (a fake Kubernetes API for pods, events, nodes and Secrets) is a dev dependency: pip install -e '.[dev]'")
 from kmock import Response  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.integration]
